@@ -1,0 +1,106 @@
+"""Composition root: settings -> logging -> engine -> plugin manager -> adapters.
+
+Every entry point (CLI commands, the daemon, the demo, tests) builds a
+:class:`Gateway` here and passes it, or its parts, down. Nothing below this
+module reads configuration or builds engines on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.adapters import AdapterContext, AdapterSpec, PsaAdapter, RmmAdapter
+from gateway.core import db as gdb
+from gateway.core.clock import Clock, SystemClock
+from gateway.core.settings import ConnectionSettings, Settings
+from gateway.errors import ConfigError
+from gateway.plugins import GatewayPluginManager, get_plugin_manager
+
+
+@dataclass
+class Gateway:
+    """The wired application: what commands, the daemon and the demo work with."""
+
+    settings: Settings
+    engine: Engine
+    db: sessionmaker[Session]
+    plugins: GatewayPluginManager
+    clock: Clock
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def spec_for(self, connection: ConnectionSettings) -> AdapterSpec:
+        return self.plugins.adapters()[connection.plugin]
+
+    def connections(self, role: str | None = None) -> list[ConnectionSettings]:
+        """Enabled connections, optionally only those whose adapter has ``role`` ("rmm" or "psa")."""
+        adapters = self.plugins.adapters()
+        return [
+            c
+            for c in self.settings.connections
+            if c.enabled and (role is None or adapters[c.plugin].role == role)
+        ]
+
+    def build_adapter(self, connection: ConnectionSettings | str) -> RmmAdapter | PsaAdapter:
+        """A new adapter for one connection; the caller closes it (``await adapter.aclose()``)."""
+        if isinstance(connection, str):
+            connection = self.settings.connection(connection)
+        return self.spec_for(connection).factory(connection, AdapterContext(clock=self.clock))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def validate_connections(settings: Settings, plugins: GatewayPluginManager) -> None:
+    """Every connection names an installed adapter kind and has its required credentials."""
+    adapters = plugins.adapters()
+    where = settings.source or "the configuration"
+    for index, connection in enumerate(settings.connections):
+        spec = adapters.get(connection.plugin)
+        if spec is None:
+            known = ", ".join(sorted(adapters)) or "none"
+            raise ConfigError(
+                f"config error in {where}: connections[{index}] ({connection.name!r}): plugin "
+                f"{connection.plugin!r} is not installed (installed adapter kinds: {known}); "
+                "install the plugin or fix the name"
+            )
+        for key in spec.required_credentials:
+            secret = connection.credentials.get(key)
+            if secret is None or not secret.get_secret_value():
+                from gateway.core.settings import credential_env_name
+
+                raise ConfigError(
+                    f"config error in {where}: connections[{index}] ({connection.name!r}): missing required "
+                    f"secret credentials.{key}; set it in the file or in {credential_env_name(connection.name, key)}"
+                )
+
+
+def build_gateway(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    extra_plugins: Iterable[Any] = (),
+    check_schema: bool = True,
+    configure_logs: bool = True,
+) -> Gateway:
+    """Wire a gateway from settings; raises ConfigError/DatabaseError with one clear message."""
+    if configure_logs:
+        from gateway.core.logging import configure_logging
+
+        configure_logging(settings.logging.level, settings.logging.format, secrets=settings.secret_values())
+    plugins = get_plugin_manager(extra_plugins=extra_plugins)
+    validate_connections(settings, plugins)
+    engine = gdb.make_engine(settings.database.url, echo=settings.database.echo, pool_size=settings.database.pool_size)
+    if check_schema:
+        gdb.check_schema_current(engine)
+    return Gateway(
+        settings=settings,
+        engine=engine,
+        db=gdb.session_factory(engine),
+        plugins=plugins,
+        clock=clock or SystemClock(),
+    )

@@ -1,0 +1,133 @@
+"""Engine, sessions and schema migrations.
+
+SQLite is the default (one file, WAL so readers do not block the writer,
+foreign keys on); PostgreSQL is chosen by URL. The schema is owned by the
+Alembic migrations shipped in ``gateway/migrations``: ``gateway db upgrade``
+applies them, and :func:`check_schema_current` refuses to run against a
+database that is behind, with a message that says so.
+
+Sessions are opened by the caller (a request, a sync run, a CLI command) and
+passed in; code that reads or changes data never commits on its own.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, exc as sa_exc, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.errors import DatabaseError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+# SQLite stores NUMERIC as text-or-real; SQLAlchemy quantizes to the column's
+# four decimal places on the way out, which is exact for amounts below 1e11.
+warnings.filterwarnings("ignore", message=r"Dialect sqlite\+pysqlite does \*not\* support Decimal", category=sa_exc.SAWarning)
+
+
+def make_engine(url: str, *, echo: bool = False, pool_size: int = 5) -> Engine:
+    """An engine for ``url``; a malformed URL or a missing driver is a DatabaseError naming it."""
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError:
+        raise DatabaseError(
+            f"database.url {url!r} is not a database URL; use e.g. sqlite:///gateway.db or "
+            "postgresql+psycopg://user@host/dbname"
+        ) from None
+    safe = parsed.render_as_string(hide_password=True)
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            engine = create_engine(parsed, echo=echo)
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            if parsed.drivername == "postgresql":
+                parsed = parsed.set(drivername="postgresql+psycopg")
+            engine = create_engine(parsed, echo=echo, pool_size=pool_size, pool_pre_ping=True)
+    except (sa_exc.NoSuchModuleError, ModuleNotFoundError) as exc:
+        raise DatabaseError(
+            f"database.url {safe}: no driver for {parsed.drivername!r} ({exc}); for PostgreSQL install "
+            "'msp-license-gateway[postgres]'"
+        ) from None
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that keep loaded objects usable after commit (callers often return them)."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on any exception."""
+    with factory() as session, session.begin():
+        yield session
+
+
+def describe_url(engine: Engine) -> str:
+    """The engine's URL with any password hidden, for messages and logs."""
+    return engine.url.render_as_string(hide_password=True)
+
+
+def ping(engine: Engine) -> None:
+    """Raise DatabaseError (never a traceback) when the database cannot be reached."""
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except sa_exc.OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise DatabaseError(f"cannot reach the database at {describe_url(engine)}: {reason}") from None
+
+
+def alembic_config(engine: Engine) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["engine"] = engine
+    return config
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(_script_only_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply the migrations up to ``revision`` (``gateway db upgrade``)."""
+    ping(engine)
+    command.upgrade(alembic_config(engine), revision)
+
+
+def check_schema_current(engine: Engine) -> None:
+    """Refuse to start on an out-of-date schema, saying what to run."""
+    ping(engine)
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        state = "has no gateway schema yet" if current is None else f"is at schema revision {current}, not {head}"
+        raise DatabaseError(f"the database at {describe_url(engine)} {state}; run 'gateway db upgrade' first")
+
+
+def _script_only_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config

@@ -1,0 +1,76 @@
+"""The canonical store: migrations match the models, types round-trip, bad URLs are explained."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import select
+
+from gateway.core import db as gdb
+from gateway.core.models import Base, BillLine, Bill, BillKind, Customer, Partner
+from gateway.errors import DatabaseError
+
+
+def test_migrations_produce_exactly_the_models_schema(db_engine):
+    with db_engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        diff = compare_metadata(context, Base.metadata)
+    assert diff == [], f"migrations and models differ: {diff}; regenerate the migration"
+
+
+def test_schema_is_current_after_upgrade(db_engine):
+    gdb.check_schema_current(db_engine)
+    assert gdb.current_revision(db_engine) == gdb.head_revision()
+
+
+def test_out_of_date_schema_refuses_with_instruction(tmp_path):
+    engine = gdb.make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    with pytest.raises(DatabaseError, match="run 'gateway db upgrade' first"):
+        gdb.check_schema_current(engine)
+
+
+def test_money_is_decimal_and_timestamps_are_aware_utc(db):
+    at = datetime(2026, 3, 29, 3, 30, tzinfo=timezone(timedelta(hours=2)))
+    with gdb.transaction(db) as s:
+        partner = Partner(name="P", created_at=at)
+        customer = Customer(partner=partner, name="C", timezone="Europe/Berlin", created_at=at)
+        s.add(customer)
+        s.flush()
+        bill = Bill(
+            partner_id=partner.id, customer_id=customer.id, kind=BillKind.PLAN, source_id=1, number="INV-1",
+            period_start=at.date(), period_end=at.date(), currency="EUR", total=Decimal("1234567.8901"),
+            issued_on=at.date(), due_on=at.date(), created_at=at,
+        )
+        bill.lines.append(BillLine(position=1, kind="devices", description="d", quantity=Decimal("3"),
+                                   unit_price=Decimal("0.1"), amount=Decimal("0.3")))
+        s.add(bill)
+    with db() as s:
+        loaded = s.scalars(select(Bill)).one()
+        assert loaded.total == Decimal("1234567.8901") and isinstance(loaded.total, Decimal)
+        assert loaded.lines[0].amount == Decimal("0.3000")
+        created = loaded.created_at
+        assert created.tzinfo is not None and created.utcoffset() == timedelta(0)
+        assert created == at
+
+
+def test_naive_timestamp_is_refused(db):
+    with pytest.raises(Exception, match="naive datetime"):
+        with gdb.transaction(db) as s:
+            s.add(Partner(name="P", created_at=datetime(2026, 1, 1)))
+
+
+def test_bad_database_url_is_explained():
+    with pytest.raises(DatabaseError, match="is not a database URL"):
+        gdb.make_engine("not a url")
+
+
+def test_unreachable_postgres_is_one_clear_line():
+    engine = gdb.make_engine("postgresql://nobody@127.0.0.1:1/nothing")
+    with pytest.raises(DatabaseError) as info:
+        gdb.ping(engine)
+    assert "cannot reach the database at postgresql+psycopg://nobody@127.0.0.1:1/nothing" in str(info.value)
+    assert "\n" not in str(info.value)
