@@ -1,0 +1,154 @@
+"""Runs the gateway's recurring work: pulls, deliveries, the billing calendar, the daily licensing job.
+
+Every job is a :class:`~gateway.sync.coordinator.Coordinator`, so a failing
+job is logged once, backs off, and never stops another (G5). Jobs marked
+``leader_only`` (the billing calendar, the daily licensing job) run only in the
+process that holds :class:`Leadership`: with PostgreSQL that is a session-level
+advisory lock held on a dedicated connection, so when the holder dies its
+connection drops, the lock is released, and another process takes over at its
+next attempt. Work that any process may do (pulls, outbox deliveries) is shared
+through row claims (``FOR UPDATE SKIP LOCKED``) in the jobs themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy import Connection, Engine, text
+
+from gateway.sync.coordinator import Coordinator
+
+log = structlog.get_logger(__name__)
+
+#: The advisory lock key of the billing calendar (any constant unique to the gateway).
+LEADER_LOCK_KEY = 0x6761_7465_7761_79  # "gateway"
+
+
+class Leadership:
+    """Who owns the leader-only jobs. SQLite serves one process, which always leads."""
+
+    def __init__(self, engine: Engine, key: int = LEADER_LOCK_KEY):
+        self.engine = engine
+        self.key = key
+        self._connection: Connection | None = None
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    def try_acquire(self) -> bool:
+        """True if this process leads now (blocking DB call: run it in a thread from async code)."""
+        if not self.is_postgres:
+            return True
+        if self._connection is not None:
+            try:
+                self._connection.execute(text("SELECT 1"))
+                return True
+            except Exception:  # our connection died: the lock went with it
+                self._drop()
+        connection = self.engine.connect()
+        try:
+            got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": self.key}).scalar()
+            connection.commit()
+        except Exception:
+            connection.close()
+            raise
+        if got:
+            self._connection = connection
+            log.info("scheduler.leader_acquired")
+            return True
+        connection.close()
+        return False
+
+    def release(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+                self._connection.commit()
+            except Exception:
+                pass
+            self._drop()
+            log.info("scheduler.leader_released")
+
+    def _drop(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except Exception:
+                pass
+        self._connection = None
+
+
+@dataclass
+class ScheduledJob:
+    """A recurring job: a name, an interval and an async function."""
+
+    name: str
+    interval: float
+    run: Callable[[], Awaitable[Any]]
+    leader_only: bool = False
+
+
+class Scheduler:
+    """Starts one coordinator per job and stops them all together."""
+
+    def __init__(
+        self,
+        jobs: list[ScheduledJob],
+        leadership: Leadership | None = None,
+        *,
+        max_backoff: float = 3600.0,
+        notify: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None,
+    ):
+        self.leadership = leadership
+        self.stop_event = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.coordinators = [
+            Coordinator(
+                job.name,
+                job.interval,
+                self._leader_guard(job) if job.leader_only else job.run,
+                max_backoff=max_backoff,
+                on_failure=(lambda name, exc: notify("connection.degraded", {"job": name, "error": str(exc)})) if notify else None,
+                on_recovery=(lambda name: notify("connection.recovered", {"job": name})) if notify else None,
+            )
+            for job in jobs
+        ]
+
+    def _leader_guard(self, job: ScheduledJob) -> Callable[[], Awaitable[Any]]:
+        async def run() -> Any:
+            if self.leadership is not None and not await asyncio.to_thread(self.leadership.try_acquire):
+                return "not leader"
+            return await job.run()
+
+        return run
+
+    def start(self) -> None:
+        self.stop_event.clear()
+        self._tasks = [asyncio.create_task(c.run_forever(self.stop_event), name=c.name) for c in self.coordinators]
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """No new runs start; runs in flight get ``timeout`` seconds, then are cancelled."""
+        self.stop_event.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self.leadership is not None:
+            await asyncio.to_thread(self.leadership.release)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {
+            c.name: {
+                "runs": c.state.runs,
+                "failures": c.state.failures,
+                "failing": c.state.consecutive_failures > 0,
+                "last_error": c.state.last_error,
+            }
+            for c in self.coordinators
+        }
