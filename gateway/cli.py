@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gateway.commands.db",
     "gateway.commands.plugins",
     "gateway.commands.config",
+    "gateway.commands.deliveries",
 )
 
 EXIT_USAGE = 2

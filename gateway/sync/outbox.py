@@ -1,0 +1,249 @@
+"""Exactly-once delivery of bills to PSA tools (G2).
+
+Finalising a bill writes one :class:`~gateway.core.models.Delivery` row per
+PSA connection of its customer, in the same transaction (the outbox). This
+worker then:
+
+1. **claims** due deliveries in a short transaction: ``FOR UPDATE SKIP LOCKED``
+   on PostgreSQL, so several processes share the work without waiting on each
+   other; on SQLite the single writer serialises the claim. A claim is a lease
+   (``claimed_until``): a worker killed mid-push leaves a lease that expires, and
+   another worker takes the delivery over.
+2. **pushes** outside any transaction. Each push carries the delivery's
+   deterministic key; the adapter looks for an object already carrying that key
+   before it creates one, so a crash between "PSA accepted" and "gateway
+   recorded" never creates a second copy.
+3. **records** the PSA's id, or the error with the next attempt time (full-jitter
+   exponential back-off), in a second short transaction guarded by the lease, so
+   a worker whose lease was taken over cannot overwrite the new owner's result.
+
+Transient failures retry up to ``outbox.max_attempts``; permanent ones (a 4xx,
+refused credentials) and exhausted retries are dead-lettered at once, reported
+through ``gateway_notify``, listed by ``gateway deliveries`` and retried by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from gateway.adapters import BillDocument, PsaAdapter, PushResult
+from gateway.app import Gateway
+from gateway.core.db import transaction
+from gateway.core.models import Delivery, DeliveryStatus
+from gateway.errors import ConfigError, Conflict, GatewayError, NotFound, PermanentError, TransientError
+
+log = structlog.get_logger(__name__)
+
+DocumentBuilder = Callable[[Session, Delivery], BillDocument]
+
+
+@dataclass
+class RoundResult:
+    """What one worker round did."""
+
+    claimed: int = 0
+    delivered: int = 0
+    already_present: int = 0
+    failed: int = 0
+    dead: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _default_document_builder() -> DocumentBuilder:
+    from gateway.core.bills import bill_document
+
+    return bill_document
+
+
+def claim_due(gateway: Gateway, worker_id: str, *, limit: int) -> list[tuple[int, str]]:
+    """Lease up to ``limit`` due deliveries to ``worker_id``; returns (delivery id, connection) pairs."""
+    now = gateway.clock.now()
+    lease = now + timedelta(seconds=gateway.settings.outbox.claim_seconds)
+    with transaction(gateway.db) as session:
+        query = (
+            select(Delivery.id, Delivery.connection)
+            .where(
+                Delivery.status == DeliveryStatus.PENDING,
+                Delivery.next_attempt_at <= now,
+                or_(Delivery.claimed_until.is_(None), Delivery.claimed_until < now),
+            )
+            .order_by(Delivery.next_attempt_at, Delivery.id)
+            .limit(limit)
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        rows = [(row.id, row.connection) for row in session.execute(query)]
+        if rows:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_([r[0] for r in rows]))
+                .values(claimed_by=worker_id, claimed_until=lease)
+            )
+    return rows
+
+
+def _retry_delay(gateway: Gateway, attempts: int) -> float:
+    settings = gateway.settings.outbox
+    ceiling = min(settings.max_delay_seconds, settings.base_delay_seconds * (2 ** min(attempts, 30)))
+    return random.uniform(settings.base_delay_seconds / 2, max(ceiling, settings.base_delay_seconds / 2))
+
+
+def _record(gateway: Gateway, delivery_id: int, worker_id: str, **values: object) -> bool:
+    """Write a result only while we still hold the lease; False if another worker took it over."""
+    with transaction(gateway.db) as session:
+        result = session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.claimed_by == worker_id)
+            .values(claimed_by=None, claimed_until=None, **values)
+        )
+        return result.rowcount == 1
+
+
+async def _deliver_one(
+    gateway: Gateway,
+    adapter: PsaAdapter,
+    delivery_id: int,
+    worker_id: str,
+    build: DocumentBuilder,
+    result: RoundResult,
+) -> None:
+    with gateway.db() as session:
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None:
+            return
+        attempts = delivery.attempts + 1
+        document = build(session, delivery)
+        connection = delivery.connection
+    structlog.contextvars.bind_contextvars(delivery=delivery_id, connection=connection)
+    try:
+        push: PushResult = await adapter.push_bill(document)
+    except (TransientError, PermanentError, GatewayError) as exc:
+        now = gateway.clock.now()
+        error = f"{type(exc).__name__}: {exc}"
+        permanent = not isinstance(exc, TransientError)
+        dead = permanent or attempts >= gateway.settings.outbox.max_attempts
+        values: dict[str, object] = {"attempts": attempts, "last_error": error[:2000]}
+        if dead:
+            values["status"] = DeliveryStatus.DEAD
+        else:
+            values["next_attempt_at"] = now + timedelta(seconds=_retry_delay(gateway, attempts))
+        if _record(gateway, delivery_id, worker_id, **values):
+            if dead:
+                result.dead += 1
+                log.error("outbox.dead_lettered", key=document.key, attempts=attempts, error=error)
+                await gateway.plugins.call_each_async(
+                    "gateway_notify",
+                    event="delivery.dead_lettered",
+                    payload={"delivery_id": delivery_id, "connection": connection, "key": document.key,
+                             "attempts": attempts, "error": error},
+                )
+            else:
+                result.failed += 1
+                log.warning("outbox.push_failed", key=document.key, attempts=attempts, error=error)
+        result.errors.append(error)
+        return
+    finally:
+        structlog.contextvars.unbind_contextvars("delivery", "connection")
+    if _record(
+        gateway,
+        delivery_id,
+        worker_id,
+        status=DeliveryStatus.DELIVERED,
+        attempts=attempts,
+        external_id=push.external_id,
+        delivered_at=gateway.clock.now(),
+        last_error=None,
+    ):
+        if push.created:
+            result.delivered += 1
+        else:
+            result.already_present += 1
+        log.info("outbox.delivered", key=document.key, external_id=push.external_id, created=push.created)
+        await gateway.plugins.call_each_async(
+            "gateway_bill_delivered", connection=connection, bill_key=document.key, result=push
+        )
+
+
+async def deliver_round(
+    gateway: Gateway,
+    worker_id: str,
+    *,
+    limit: int | None = None,
+    adapters: dict[str, PsaAdapter] | None = None,
+    build: DocumentBuilder | None = None,
+) -> RoundResult:
+    """Claim and push one batch. ``adapters`` (by connection) are reused if given, else built and closed here."""
+    build = build or _default_document_builder()
+    result = RoundResult()
+    claimed = claim_due(gateway, worker_id, limit=limit or gateway.settings.outbox.batch_size)
+    result.claimed = len(claimed)
+    if not claimed:
+        return result
+    by_connection: dict[str, list[int]] = defaultdict(list)
+    for delivery_id, connection in claimed:
+        by_connection[connection].append(delivery_id)
+    owned: dict[str, PsaAdapter] = {}
+    try:
+        tasks = []
+        for connection, ids in by_connection.items():
+            adapter = (adapters or {}).get(connection)
+            if adapter is None:
+                try:
+                    adapter = owned[connection] = gateway.build_adapter(connection)  # type: ignore[assignment]
+                except (ConfigError, KeyError) as exc:
+                    for delivery_id in ids:
+                        _record(gateway, delivery_id, worker_id, status=DeliveryStatus.DEAD,
+                                last_error=f"connection {connection!r} is not configured: {exc}")
+                        result.dead += 1
+                    continue
+            tasks += [_deliver_one(gateway, adapter, i, worker_id, build, result) for i in ids]
+        await asyncio.gather(*tasks)
+    finally:
+        for adapter in owned.values():
+            await adapter.aclose()
+    return result
+
+
+async def deliver_until_idle(gateway: Gateway, worker_id: str, *, stop: asyncio.Event | None = None) -> RoundResult:
+    """Run rounds until nothing is due (or ``stop`` is set); adapters are kept open across rounds."""
+    total = RoundResult()
+    adapters: dict[str, PsaAdapter] = {}
+    try:
+        while stop is None or not stop.is_set():
+            for connection in gateway.connections("psa"):
+                if connection.name not in adapters:
+                    adapters[connection.name] = gateway.build_adapter(connection)  # type: ignore[assignment]
+            result = await deliver_round(gateway, worker_id, adapters=adapters)
+            for name in ("claimed", "delivered", "already_present", "failed", "dead"):
+                setattr(total, name, getattr(total, name) + getattr(result, name))
+            total.errors += result.errors
+            if not result.claimed:
+                break
+    finally:
+        for adapter in adapters.values():
+            await adapter.aclose()
+    return total
+
+
+def retry_dead(session: Session, delivery_id: int, now: datetime) -> Delivery:
+    """Put a dead-lettered delivery back in the queue, due now (``gateway deliveries retry ID``)."""
+    delivery = session.get(Delivery, delivery_id)
+    if delivery is None:
+        raise NotFound(f"no delivery with id {delivery_id}", field="delivery_id")
+    if delivery.status != DeliveryStatus.DEAD:
+        raise Conflict(f"delivery {delivery_id} is {delivery.status.value}, not dead; only dead deliveries are retried by hand")
+    delivery.status = DeliveryStatus.PENDING
+    delivery.attempts = 0
+    delivery.next_attempt_at = now
+    delivery.claimed_by = None
+    delivery.claimed_until = None
+    return delivery

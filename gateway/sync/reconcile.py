@@ -1,0 +1,136 @@
+"""Reconciliation (G3): what each PSA holds against what the gateway computed.
+
+For every PSA connection and every bill of the period that has a delivery to
+it, the PSA's record with the delivery key is read back and compared: device
+count against quantity, bill total against amount. Every difference is reported
+with both numbers. Also reported: bills the PSA does not hold, objects in the
+PSA that carry a gateway key the gateway does not know, PSA companies mapped to
+no customer, and customers billed in the period that have no PSA mapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date
+from decimal import Decimal
+
+import structlog
+from sqlalchemy import select
+
+from gateway.adapters import PsaAdapter
+from gateway.app import Gateway
+from gateway.core.models import Bill, BillStatus, Customer, Delivery, DeliveryStatus, ExternalMapping, MappingKind
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One disagreement between the gateway and a PSA."""
+
+    connection: str
+    customer: str
+    key: str
+    kind: str  # "quantity", "amount", "missing_in_psa", "unknown_in_psa", "not_delivered"
+    gateway_value: str
+    psa_value: str
+
+
+@dataclass
+class ReconciliationReport:
+    period_start: date
+    period_end: date
+    checked: int = 0
+    matched: int = 0
+    differences: list[Difference] = field(default_factory=list)
+    unmapped_psa_companies: list[dict[str, str]] = field(default_factory=list)
+    customers_without_psa: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.differences or self.errors)
+
+
+def _money(value: Decimal) -> Decimal:
+    return value.quantize(Decimal("0.01"))
+
+
+async def reconcile(
+    gateway: Gateway,
+    period_start: date,
+    period_end: date,
+    *,
+    adapters: dict[str, PsaAdapter] | None = None,
+) -> ReconciliationReport:
+    """Compare every PSA connection with the bills whose cycle starts in [period_start, period_end]."""
+    report = ReconciliationReport(period_start, period_end)
+    with gateway.db() as session:
+        bills = session.execute(
+            select(Bill, Customer.name)
+            .join(Customer, Customer.id == Bill.customer_id)
+            .where(Bill.period_start >= period_start, Bill.period_start <= period_end, Bill.status != BillStatus.VOID)
+        ).all()
+        deliveries = session.scalars(select(Delivery).where(Delivery.bill_id.in_([b.id for b, _ in bills]))).all()
+        mappings = session.scalars(select(ExternalMapping).where(ExternalMapping.kind == MappingKind.PSA_COMPANY)).all()
+    bill_by_id = {bill.id: (bill, name) for bill, name in bills}
+    mapped_customers = {m.customer_id for m in mappings if m.customer_id is not None}
+    report.customers_without_psa = sorted({name for bill, name in bills if bill.customer_id not in mapped_customers})
+
+    for connection in gateway.connections("psa"):
+        adapter = (adapters or {}).get(connection.name)
+        owned = adapter is None
+        if owned:
+            adapter = gateway.build_adapter(connection)  # type: ignore[assignment]
+        try:
+            records = {r.key: r for r in await adapter.read_back(period_start, period_end)}
+            companies = await adapter.list_companies()
+        except Exception as exc:  # one broken PSA must not hide the others' results (G5)
+            report.errors.append(f"{connection.name}: {type(exc).__name__}: {exc}")
+            log.error("reconcile.connection_failed", connection=connection.name, error=str(exc))
+            continue
+        finally:
+            if owned:
+                await adapter.aclose()
+        mapped_ids = {m.external_id for m in mappings if m.connection == connection.name and m.customer_id is not None}
+        report.unmapped_psa_companies += [
+            {"connection": connection.name, "external_id": c.external_id, "name": c.name}
+            for c in companies
+            if c.external_id not in mapped_ids
+        ]
+        known_keys = set()
+        for delivery in (d for d in deliveries if d.connection == connection.name):
+            bill, customer = bill_by_id[delivery.bill_id]
+            known_keys.add(delivery.key)
+            report.checked += 1
+            record = records.get(delivery.key)
+
+            def differ(kind: str, ours: object, theirs: object) -> None:
+                report.differences.append(Difference(connection.name, customer, delivery.key, kind, str(ours), str(theirs)))
+
+            if record is None:
+                if delivery.status == DeliveryStatus.DELIVERED:
+                    differ("missing_in_psa", f"{bill.device_count} devices, {bill.total:.2f} {bill.currency}", "nothing")
+                else:
+                    differ("not_delivered", f"{bill.device_count} devices, {bill.total:.2f} {bill.currency}",
+                           f"delivery {delivery.status.value}")
+                continue
+            ok = True
+            if Decimal(record.quantity) != Decimal(bill.device_count):
+                differ("quantity", bill.device_count, record.quantity.normalize())
+                ok = False
+            if _money(record.amount) != _money(bill.total):
+                differ("amount", _money(bill.total), _money(record.amount))
+                ok = False
+            report.matched += ok
+        for key, record in records.items():
+            if key not in known_keys:
+                report.differences.append(
+                    Difference(connection.name, record.company_external_id, key, "unknown_in_psa", "nothing",
+                               f"{record.quantity.normalize()} x, {_money(record.amount)}")
+                )
+    for difference in report.differences:
+        await gateway.plugins.call_each_async(
+            "gateway_notify", event="reconciliation.difference", payload=difference.__dict__
+        )
+    return report
