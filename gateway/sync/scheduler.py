@@ -103,9 +103,11 @@ class Scheduler:
         *,
         max_backoff: float = 3600.0,
         notify: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None,
+        stop_event: asyncio.Event | None = None,
     ):
         self.leadership = leadership
-        self.stop_event = asyncio.Event()
+        #: Set when stopping; jobs that loop (the outbox) watch it to stop claiming new work.
+        self.stop_event = stop_event or asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.coordinators = [
             Coordinator(

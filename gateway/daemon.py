@@ -1,0 +1,153 @@
+"""``gateway run``: the admin API, webhooks, health and metrics, and the scheduler, in one process.
+
+The scheduler and everything it holds live in the aiohttp app's ``cleanup_ctx``,
+so SIGTERM/SIGINT (handled by ``web.run_app``) stop it the same way as a test
+does: no new work is claimed, work in flight gets ``server.shutdown_timeout_seconds``
+to finish, and what is still leased after that is released by its lease
+running out (deliveries) or by its transaction rolling back (everything else).
+
+Jobs (each a coordinator, so one failing never stops another, G5):
+
+- ``pull:<connection>`` per enabled RMM connection, on its ``poll_interval_seconds``;
+  exclusive across processes (an advisory lock per connection on PostgreSQL);
+- ``outbox``: deliveries, shared by every process through row claims;
+- ``billing``: the billing calendar, leader only;
+- ``licensing-daily``: expiries and reminders, leader only, once per UTC day.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from sqlalchemy import text
+
+from gateway.app import Gateway
+from gateway.core.db import transaction
+from gateway.sync.scheduler import Leadership, ScheduledJob, Scheduler
+from gateway.web.app import create_app
+
+log = structlog.get_logger(__name__)
+
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def exclusive(gateway: Gateway, name: str, run: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+    """Run ``run`` only if no other process is running the job of that name (PostgreSQL advisory lock)."""
+    if gateway.engine.dialect.name != "postgresql":
+        return run
+    key = zlib.crc32(f"gateway-job:{name}".encode())
+
+    async def guarded() -> Any:
+        connection = await asyncio.to_thread(gateway.engine.connect)
+        try:
+            got = await asyncio.to_thread(
+                lambda: connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+            )
+            if not got:
+                return "running elsewhere"
+            try:
+                return await run()
+            finally:
+                await asyncio.to_thread(
+                    lambda: connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                )
+        finally:
+            await asyncio.to_thread(connection.close)
+
+    return guarded
+
+
+def build_jobs(gateway: Gateway, scheduler_stop: asyncio.Event, worker: str) -> list[ScheduledJob]:
+    """The recurring jobs of one gateway process."""
+    from gateway.core.bills import run_billing
+    from gateway.core.licensing import run_daily_job
+    from gateway.sync.devices import pull_connection
+    from gateway.sync.outbox import deliver_until_idle
+
+    settings = gateway.settings
+    jobs: list[ScheduledJob] = []
+    for connection in gateway.connections("rmm"):
+
+        async def pull(connection=connection) -> Any:  # type: ignore[no-untyped-def]
+            return await pull_connection(connection, gateway.db, gateway.plugins, clock=gateway.clock)
+
+        jobs.append(ScheduledJob(f"pull:{connection.name}", connection.poll_interval_seconds,
+                                 exclusive(gateway, f"pull:{connection.name}", pull)))
+
+    async def outbox() -> Any:
+        return await deliver_until_idle(gateway, worker, stop=scheduler_stop)
+
+    async def billing() -> Any:
+        def work() -> int:
+            with transaction(gateway.db) as session:
+                return len(run_billing(session, now=gateway.clock.now(), billing=settings.billing,
+                                       plugins=gateway.plugins).bill_ids)
+
+        return await asyncio.to_thread(work)
+
+    async def licensing_daily() -> Any:
+        return await run_daily_job(gateway.db, gateway.clock, settings.licensing, gateway.plugins)
+
+    jobs += [
+        ScheduledJob("outbox", settings.scheduler.outbox_interval_seconds, outbox),
+        ScheduledJob("billing", settings.scheduler.billing_interval_seconds, billing, leader_only=True),
+        # The job itself records each reminder once, so running it hourly is safe and catches up after downtime.
+        ScheduledJob("licensing-daily", 3600.0, licensing_daily, leader_only=True),
+    ]
+    return jobs
+
+
+def build_daemon_app(gateway: Gateway, *, scheduler: bool | None = None) -> web.Application:
+    """The daemon's application: admin API + health + metrics + webhooks, and the scheduler in cleanup_ctx."""
+    from gateway.sync.webhooks import add_webhook_routes
+
+    app = create_app(gateway)
+    add_webhook_routes(app, gateway)
+    run_scheduler = gateway.settings.scheduler.enabled if scheduler is None else scheduler
+
+    async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
+        if not run_scheduler:
+            yield
+            return
+        stop = asyncio.Event()
+        worker = worker_id()
+        instance = Scheduler(build_jobs(gateway, stop, worker), Leadership(gateway.engine),
+                             notify=_notifier(gateway), stop_event=stop)
+        app[SCHEDULER] = instance
+        instance.start()
+        log.info("daemon.scheduler_started", worker=worker, jobs=[c.name for c in instance.coordinators])
+        yield
+        await instance.stop(timeout=gateway.settings.server.shutdown_timeout_seconds)
+        log.info("daemon.scheduler_stopped", worker=worker)
+
+    app.cleanup_ctx.append(scheduler_ctx)
+    return app
+
+
+def _notifier(gateway: Gateway) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    async def notify(event: str, payload: dict[str, Any]) -> None:
+        await gateway.plugins.call_each_async("gateway_notify", event=event, payload=payload)
+
+    return notify
+
+
+def run(gateway: Gateway) -> int:
+    """Serve until SIGTERM/SIGINT; exit 0 after a graceful stop."""
+    server = gateway.settings.server
+    app = build_daemon_app(gateway)
+    log.info("daemon.starting", host=server.host, port=server.port)
+    web.run_app(app, host=server.host, port=server.port, print=None,
+                shutdown_timeout=server.shutdown_timeout_seconds, handle_signals=True)
+    log.info("daemon.stopped")
+    return 0

@@ -1,0 +1,71 @@
+"""``gateway run``: serves health on the configured port and stops gracefully on SIGTERM with exit 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return json.loads(response.read())
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_run_serves_and_stops_gracefully(tmp_path: Path, stop_signal):
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[database]\nurl = "sqlite:///{tmp_path / "g.db"}"\n[server]\nport = {port}\nshutdown_timeout_seconds = 5\n'
+        '[scheduler]\noutbox_interval_seconds = 0.2\nbilling_interval_seconds = 0.2\n'
+    )
+    env = {**os.environ, "GATEWAY_LOGGING__FORMAT": "json"}
+    subprocess.run([sys.executable, "-m", "gateway", "--config", str(config), "db", "upgrade"], check=True,
+                   capture_output=True, env=env)
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(config), "run"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        assert wait_for(f"http://127.0.0.1:{port}/healthz")["status"] == "ok"
+        ready = wait_for(f"http://127.0.0.1:{port}/readyz")
+        assert ready["status"] == "ready" and ready["database"]["status"] == "ok"
+        time.sleep(0.5)  # let the scheduler run its jobs at least once
+        process.send_signal(stop_signal)
+        _, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    events = [json.loads(line)["event"] for line in err.splitlines() if line.startswith("{")]
+    assert "daemon.scheduler_started" in events and "daemon.scheduler_stopped" in events
+    assert "job.failed" not in events, err
+
+
+def test_run_refuses_an_out_of_date_schema(tmp_path: Path):
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "g.db"}"\n')
+    result = subprocess.run([sys.executable, "-m", "gateway", "--config", str(config), "run"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "run 'gateway db upgrade' first" in result.stderr and "Traceback" not in result.stderr
