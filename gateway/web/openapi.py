@@ -1,0 +1,109 @@
+"""The OpenAPI 3.1 document of the admin API, built from the declared routes and their pydantic models."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from gateway.web.api import Endpoint
+from gateway.web.errors import ErrorBody
+
+REF = "#/components/schemas/{model}"
+_ERRORS = {
+    "400": "the body is not a JSON object",
+    "401": "no token, or an unknown or revoked one",
+    "404": "no such resource, or not visible to the caller",
+    "409": "the current state forbids the change",
+    "422": "the input breaks a rule or does not validate",
+}
+
+
+def build_document(endpoints: Sequence[Endpoint], *, title: str, version: str) -> dict[str, Any]:
+    models: list[tuple[Any, str]] = [(ErrorBody, "serialization")]
+    for e in endpoints:
+        if e.body is not None:
+            models.append((e.body, "validation"))
+        if e.query is not None:
+            models.append((e.query, "validation"))
+        if _is_model(e.response):
+            models.append((e.response, "serialization"))
+    refs, top = models_json_schema(list(dict.fromkeys(models)), ref_template=REF)
+    schemas: dict[str, Any] = top.get("$defs", {})
+    error_ref = refs[(ErrorBody, "serialization")]
+
+    paths: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for e in endpoints:
+        operation_id = f"{e.tag}.{e.handler.__name__}"
+        if operation_id in seen or e.method.lower() in paths.get(e.path, {}):
+            raise ValueError(f"two routes declare {operation_id} or {e.method} {e.path}; each must be unique")
+        seen.add(operation_id)
+        operation: dict[str, Any] = {
+            "operationId": operation_id,
+            "summary": e.summary,
+            "tags": [e.tag],
+            "parameters": _path_parameters(e.path),
+            "responses": {},
+        }
+        if e.query is not None:
+            operation["parameters"] += _query_parameters(schemas, refs[(e.query, "validation")])
+        if e.body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": refs[(e.body, "validation")]}},
+            }
+        if e.status == 204 or e.response is None:
+            operation["responses"][str(e.status)] = {"description": "done, no content"}
+        else:
+            operation["responses"][str(e.status)] = {
+                "description": e.summary,
+                "content": {"application/json": {"schema": refs[(e.response, "serialization")]}},
+            }
+        for status, description in _ERRORS.items():
+            if e.public and status == "401":
+                continue
+            operation["responses"][status] = {
+                "description": description, "content": {"application/json": {"schema": error_ref}},
+            }
+        if e.public:
+            operation["security"] = []
+        paths.setdefault(e.path, {})[e.method.lower()] = operation
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearerAuth": []}],
+    }
+
+
+def _is_model(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, BaseModel)
+
+
+def _path_parameters(path: str) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "in": "path", "required": True,
+         "schema": {"type": "integer"} if name == "id" or name.endswith("_id") else {"type": "string"}}
+        for name in re.findall(r"{(\w+)}", path)
+    ]
+
+
+def _query_parameters(schemas: dict[str, Any], ref: dict[str, str]) -> list[dict[str, Any]]:
+    schema = schemas[ref["$ref"].rsplit("/", 1)[-1]]
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, prop in schema.get("properties", {}).items():
+        parameter: dict[str, Any] = {"name": name, "in": "query", "required": name in required, "schema": prop}
+        if "description" in prop:
+            parameter["description"] = prop["description"]
+        parameters.append(parameter)
+    return parameters
