@@ -18,10 +18,17 @@ from gateway.errors import GatewayError
 
 #: Command modules, in the order their commands appear in ``gateway --help``.
 COMMAND_MODULES: tuple[str, ...] = (
+    "gateway.commands.demo",
     "gateway.commands.db",
     "gateway.commands.plugins",
+    "gateway.commands.plugin_new",
     "gateway.commands.config",
+    "gateway.commands.directory",
     "gateway.commands.deliveries",
+    "gateway.commands.run",
+    "gateway.commands.billing",
+    "gateway.commands.licenses",
+    "gateway.commands.users",
 )
 
 EXIT_USAGE = 2

@@ -29,7 +29,6 @@ from aiohttp import web
 from sqlalchemy import text
 
 from gateway.app import Gateway
-from gateway.core.db import transaction
 from gateway.sync.scheduler import Leadership, ScheduledJob, Scheduler
 from gateway.web.app import create_app
 
@@ -70,8 +69,8 @@ def exclusive(gateway: Gateway, name: str, run: Callable[[], Awaitable[Any]]) ->
 
 def build_jobs(gateway: Gateway, scheduler_stop: asyncio.Event, worker: str) -> list[ScheduledJob]:
     """The recurring jobs of one gateway process."""
-    from gateway.core.bills import run_billing
     from gateway.core.licensing import run_daily_job
+    from gateway.sync.mail import billing_job
     from gateway.sync.devices import pull_connection
     from gateway.sync.outbox import deliver_until_idle
 
@@ -89,12 +88,7 @@ def build_jobs(gateway: Gateway, scheduler_stop: asyncio.Event, worker: str) -> 
         return await deliver_until_idle(gateway, worker, stop=scheduler_stop)
 
     async def billing() -> Any:
-        def work() -> int:
-            with transaction(gateway.db) as session:
-                return len(run_billing(session, now=gateway.clock.now(), billing=settings.billing,
-                                       plugins=gateway.plugins).bill_ids)
-
-        return await asyncio.to_thread(work)
+        return len((await billing_job(gateway)).run.bill_ids)
 
     async def licensing_daily() -> Any:
         return await run_daily_job(gateway.db, gateway.clock, settings.licensing, gateway.plugins)

@@ -1,0 +1,206 @@
+"""``gateway partners|customers|workspaces|mappings|sync``: the records devices and bills hang on, and pulls."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from sqlalchemy import select
+
+from gateway.commands.common import add_json_flag, gateway_from_args, print_json, print_table
+from gateway.core import directory
+from gateway.core.db import transaction
+from gateway.core.models import Customer, ExternalMapping, MappingKind, Partner, Workspace
+from gateway.errors import DomainError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    partners = subparsers.add_parser("partners", help="partners (MSPs): add, list")
+    actions = partners.add_subparsers(dest="partners_command", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="add a partner")
+    add.add_argument("name")
+    add.add_argument("--email")
+    add.add_argument("--currency", default="USD")
+    add.add_argument("--invoice-prefix", default=None, help="bill number prefix (default: [billing] invoice_prefix)")
+    add.set_defaults(handler=_partner_add)
+    listing = actions.add_parser("list", help="list partners")
+    add_json_flag(listing)
+    listing.set_defaults(handler=_partner_list)
+
+    customers = subparsers.add_parser("customers", help="customers: add, list")
+    actions = customers.add_subparsers(dest="customers_command", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="add a customer")
+    add.add_argument("name")
+    add.add_argument("--timezone", required=True, help="IANA time zone, e.g. Europe/Berlin (S4)")
+    add.add_argument("--email", help="billing e-mail")
+    add.add_argument("--partner", type=int, metavar="ID")
+    add.set_defaults(handler=_customer_add)
+    listing = actions.add_parser("list", help="list customers")
+    add_json_flag(listing)
+    listing.set_defaults(handler=_customer_list)
+
+    workspaces = subparsers.add_parser("workspaces", help="workspaces: add, list")
+    actions = workspaces.add_subparsers(dest="workspaces_command", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="add a workspace to a customer")
+    add.add_argument("name")
+    add.add_argument("--customer", type=int, metavar="ID", required=True)
+    add.add_argument("--max-devices", type=int, help="refuse new devices beyond this many (M3)")
+    add.set_defaults(handler=_workspace_add)
+    listing = actions.add_parser("list", help="list workspaces")
+    add_json_flag(listing)
+    listing.set_defaults(handler=_workspace_list)
+
+    mappings = subparsers.add_parser("mappings", help="RMM organisations -> workspaces, PSA companies -> customers (G1)")
+    mappings.add_argument("--unmapped", action="store_true", help="only RMM organisations mapped to no workspace")
+    mappings.add_argument("--connection", help="only this connection")
+    add_json_flag(mappings)
+    mappings.set_defaults(handler=_mappings_list)
+    actions = mappings.add_subparsers(dest="mappings_command", metavar="ACTION")
+    rmm = actions.add_parser("rmm", help="map an RMM organisation/site to a workspace")
+    rmm.add_argument("connection")
+    rmm.add_argument("external_id")
+    rmm.add_argument("--workspace", type=int, metavar="ID", help="omit to unmap")
+    rmm.set_defaults(handler=_map_rmm)
+    psa = actions.add_parser("psa", help="map a PSA company to a customer")
+    psa.add_argument("connection")
+    psa.add_argument("external_id")
+    psa.add_argument("--customer", type=int, metavar="ID", help="omit to unmap")
+    psa.add_argument("--name", default="", help="the company's name, for listings")
+    psa.set_defaults(handler=_map_psa)
+
+    sync = subparsers.add_parser("sync", help="pull devices and activity from RMM connections")
+    sync.add_argument("--once", action="store_true", required=True, help="one pull now, then exit")
+    sync.add_argument("--connection", action="append", metavar="NAME", help="only this connection (repeatable)")
+    add_json_flag(sync)
+    sync.set_defaults(handler=_sync)
+
+
+def _partner_add(args: argparse.Namespace) -> int:
+    gateway = gateway_from_args(args)
+    with transaction(gateway.db) as session:
+        partner = directory.create_partner(
+            session, name=args.name, email=args.email, currency=args.currency, now=gateway.clock.now(),
+            invoice_prefix=args.invoice_prefix or gateway.settings.billing.invoice_prefix,
+        )
+        print(f"partner {partner.id} added: {partner.name}")
+    return 0
+
+
+def _partner_list(args: argparse.Namespace) -> int:
+    gateway = gateway_from_args(args)
+    with gateway.db() as session:
+        rows = [{"id": p.id, "name": p.name, "currency": p.currency, "invoice_prefix": p.invoice_prefix}
+                for p in session.scalars(select(Partner).order_by(Partner.id))]
+    print_json(rows) if args.json else print_table(rows, ["id", "name", "currency", "invoice_prefix"])
+    return 0
+
+
+def _customer_add(args: argparse.Namespace) -> int:
+    gateway = gateway_from_args(args)
+    with transaction(gateway.db) as session:
+        partner = directory.only_partner(session, args.partner)
+        customer = directory.create_customer(session, partner, name=args.name, timezone=args.timezone,
+                                             billing_email=args.email, now=gateway.clock.now())
+        print(f"customer {customer.id} added: {customer.name} ({customer.timezone})")
+    return 0
+
+
+def _customer_list(args: argparse.Namespace) -> int:
+    gateway = gateway_from_args(args)
+    with gateway.db() as session:
+        rows = [{"id": c.id, "partner": c.partner_id, "name": c.name, "timezone": c.timezone,
+                 "billing_email": c.billing_email} for c in session.scalars(select(Customer).order_by(Customer.id))]
+    print_json(rows) if args.json else print_table(rows, ["id", "partner", "name", "timezone", "billing_email"])
+    return 0
+
+
+def _workspace_add(args: argparse.Namespace) -> int:
+    gateway = gateway_from_args(args)
+    with transaction(gateway.db) as session:
+        customer = session.get(Customer, args.customer)
+        if customer is None:
+            raise DomainError(f"no customer with id {args.customer}; list them with 'gateway customers list'",
+                              field="customer")
+        workspace = directory.create_workspace(session, customer, name=args.name, max_devices=args.max_devices,
+                                               now=gateway.clock.now())
+        print(f"workspace {workspace.id} added to {customer.name}: {workspace.name}")
+    return 0
+
+
+def _workspace_list(args: argparse.Namespace) -> int:
+    gateway = gateway_from_args(args)
+    with gateway.db() as session:
+        rows = [{"id": w.id, "customer": w.customer_id, "name": w.name, "max_devices": w.max_devices,
+                 "monthly_billing_since": w.monthly_billing_since}
+                for w in session.scalars(select(Workspace).order_by(Workspace.id))]
+    print_json(rows) if args.json else print_table(rows, ["id", "customer", "name", "max_devices", "monthly_billing_since"])
+    return 0
+
+
+def _mappings_list(args: argparse.Namespace) -> int:
+    from gateway.sync.devices import unmapped_organizations
+
+    gateway = gateway_from_args(args)
+    with gateway.db() as session:
+        if args.unmapped:
+            rows = unmapped_organizations(session, args.connection)
+            columns = ["connection", "external_id", "name", "devices", "last_seen_at"]
+        else:
+            query = select(ExternalMapping).order_by(ExternalMapping.connection, ExternalMapping.kind, ExternalMapping.external_id)
+            if args.connection:
+                query = query.where(ExternalMapping.connection == args.connection)
+            rows = [
+                {"connection": m.connection, "kind": m.kind, "external_id": m.external_id, "name": m.external_name,
+                 "workspace": m.workspace_id, "customer": m.customer_id, "auto_created": m.auto_created}
+                for m in session.scalars(query)
+            ]
+            columns = ["connection", "kind", "external_id", "name", "workspace", "customer", "auto_created"]
+    print_json(rows) if args.json else print_table(rows, columns)
+    return 0
+
+
+def _map_rmm(args: argparse.Namespace) -> int:
+    from gateway.sync.devices import map_organization
+
+    gateway = gateway_from_args(args)
+    with transaction(gateway.db) as session:
+        map_organization(session, args.connection, args.external_id, args.workspace)
+    target = f"workspace {args.workspace}" if args.workspace else "nothing (unmapped)"
+    print(f"{args.connection} organisation {args.external_id} -> {target}")
+    return 0
+
+
+def _map_psa(args: argparse.Namespace) -> int:
+    gateway = gateway_from_args(args)
+    gateway.settings.connection(args.connection)  # a typo in the name is an error, not a dead mapping
+    with transaction(gateway.db) as session:
+        directory.map_psa_company(session, connection=args.connection, external_id=args.external_id,
+                                  customer_id=args.customer, name=args.name, now=gateway.clock.now())
+    target = f"customer {args.customer}" if args.customer else "nothing (unmapped)"
+    print(f"{args.connection} company {args.external_id} -> {target}")
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from gateway.sync.devices import pull_all
+
+    gateway = gateway_from_args(args)
+    if args.connection:
+        for name in args.connection:
+            gateway.settings.connection(name)
+    results = asyncio.run(pull_all(gateway.settings, gateway.db, gateway.plugins, clock=gateway.clock,
+                                   only=args.connection))
+    rows = []
+    for name, result in results.items():
+        if isinstance(result, Exception):
+            rows.append({"connection": name, "error": str(result)})
+        else:
+            summary = result.as_dict()
+            rows.append({"connection": name, **{k: v for k, v in summary.items() if not isinstance(v, list)},
+                         "unmapped": len(result.unmapped_organizations)})
+    if args.json:
+        print_json(rows)
+    else:
+        print_table(rows, ["connection", "pages", "devices_new", "devices_updated", "devices_refused", "unmapped",
+                           "retries", "throttled", "duration_seconds", "error"])
+    return 1 if any("error" in row for row in rows) else 0
