@@ -1,0 +1,294 @@
+"""The Autotask adapter against the Autotask simulator over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import date
+from decimal import Decimal
+
+import aiohttp
+import pytest
+
+from gateway.adapters import AdapterContext, BillDocument, BillLineDoc, PsaAdapter
+from gateway.core.settings import ConnectionSettings
+from gateway.errors import AuthError, ConfigError, PermanentError
+from gateway.plugins import get_plugin_manager
+from gateway.plugins.autotask.client import DEFAULT_RATE_LIMIT, AutotaskAdapter
+from gateway.plugins.autotask.simulator import FAULTS, STATE, create_app
+from gateway.testing.proxy import FaultProxy
+
+CREDENTIALS = {"username": "api-user@sim.example", "secret": "sim-secret", "integration_code": "SIMINTEGRATIONCODE000000001"}
+HEADERS = {"ApiIntegrationCode": CREDENTIALS["integration_code"], "UserName": CREDENTIALS["username"], "Secret": "sim-secret"}
+FEB = (date(2026, 2, 1), date(2026, 2, 28))
+MARCH = (date(2026, 3, 1), date(2026, 3, 31))
+
+
+def bill(company: int, period=FEB, devices: int = 4) -> BillDocument:
+    return BillDocument(
+        key=f"at-test:{company}:{period[0]:%Y-%m}",
+        number=f"INV-{company}-{period[0]:%m}",
+        company_external_id=str(company),
+        customer_name="Customer",
+        currency="USD",
+        period_start=period[0],
+        period_end=period[1],
+        issued_on=period[1],
+        due_on=date(2026, 4, 30),
+        device_count=devices,
+        total=Decimal("2.50") * devices + Decimal("10.00"),
+        lines=(
+            BillLineDoc("Managed devices", Decimal(devices), Decimal("2.50"), Decimal("2.50") * devices),
+            BillLineDoc("Activation fee", Decimal(1), Decimal("10.00"), Decimal("10.00")),
+        ),
+    )
+
+
+async def start(aiohttp_server, **kw):
+    app = create_app(**{"companies": 7, "contracts": 6, **kw})
+    return app, await aiohttp_server(app)
+
+
+@pytest.fixture
+async def sim(aiohttp_server):
+    return await start(aiohttp_server)
+
+
+@pytest.fixture
+def sleeps():
+    return []
+
+
+@pytest.fixture
+async def make_adapter(sim, clock, sleeps):
+    adapters = []
+
+    async def no_wait(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    def make(server=None, credentials=CREDENTIALS, rate_limit=None, **options):
+        server = server or sim[1]
+        settings = ConnectionSettings(
+            name="at-test",
+            plugin="autotask",
+            base_url=str(server.make_url("/")),
+            credentials=credentials,
+            options={"page_size": 3, "billing_code_id": 2001, "service_id": 1, **options},
+            rate_limit=rate_limit,
+        )
+        adapter = AutotaskAdapter(settings, AdapterContext(clock=clock), sleep=no_wait)
+        adapters.append(adapter)
+        return adapter
+
+    yield make
+    for adapter in adapters:
+        await adapter.aclose()
+
+
+def companies(app) -> list[int]:
+    return sorted(app[STATE].companies)
+
+
+async def test_adapter_satisfies_the_psa_protocol_and_is_registered(make_adapter):
+    assert isinstance(make_adapter(), PsaAdapter)
+    spec = get_plugin_manager(load_entry_points=False).adapters()["autotask"]
+    assert spec.role == "psa" and set(spec.required_credentials) == set(CREDENTIALS)
+
+
+async def test_lists_every_company_across_pages(make_adapter, sim):
+    app, _ = sim
+    got = await make_adapter().list_companies()
+    assert [c.external_id for c in got] == [str(i) for i in companies(app)]
+    assert app[STATE].requests["POST /atservicesrest/v1.0/{entity}/query"] == 1
+    assert app[STATE].requests["GET /atservicesrest/v1.0/{entity}/query/next"] == 2  # pages of 3, 3, 1
+
+
+async def test_push_creates_one_charge_per_line_with_quantity_and_amount(make_adapter, sim):
+    app, _ = sim
+    company = companies(app)[0]
+    result = await make_adapter().push_bill(bill(company, devices=4))
+    charges = sorted(app[STATE].charges.values(), key=lambda c: c["id"])
+    assert result.created and result.external_id == str(charges[0]["id"])
+    assert [(c["unitQuantity"], c["billableAmount"]) for c in charges] == [(4.0, 10.0), (1.0, 10.0)]
+    contract = app[STATE].contracts[charges[0]["contractID"]]
+    assert contract["companyID"] == company and all(c["billingCodeID"] == 2001 for c in charges)
+
+
+async def test_g2_pushing_the_same_bill_twice_leaves_one_set_of_charges(make_adapter, sim):
+    app, _ = sim
+    adapter = make_adapter()
+    first = await adapter.push_bill(bill(companies(app)[1]))
+    second = await adapter.push_bill(bill(companies(app)[1]))
+    assert (first.created, second.created, first.external_id) == (True, False, second.external_id)
+    assert len(app[STATE].charges) == 2
+
+
+async def test_g2_push_interrupted_between_lines_completes_without_copies(make_adapter, sim):
+    app, _ = sim
+    b = bill(companies(app)[2])
+    await make_adapter().push_bill(b)
+    last = max(app[STATE].charges)
+    del app[STATE].charges[last]  # the gateway crashed after line 1 was accepted
+    result = await make_adapter().push_bill(b)
+    assert not result.created
+    lines = sorted(c["description"].splitlines()[-1] for c in app[STATE].charges.values())
+    assert len(lines) == 2 and lines[0].endswith("line=1") and lines[1].endswith("line=2")
+
+
+async def test_g3_read_back_returns_what_was_pushed_in_the_period(make_adapter, sim):
+    app, _ = sim
+    adapter = make_adapter()
+    a, b = companies(app)[0], companies(app)[3]
+    await adapter.push_bill(bill(a, devices=3))
+    await adapter.push_bill(bill(b, devices=8))
+    await adapter.push_bill(bill(a, period=MARCH, devices=5))
+    records = await adapter.read_back(*FEB)
+    assert sorted((r.key, r.company_external_id, r.quantity, r.amount) for r in records) == sorted([
+        (f"at-test:{a}:2026-02", str(a), Decimal(3), Decimal("17.50")),
+        (f"at-test:{b}:2026-02", str(b), Decimal(8), Decimal("30.00")),
+    ])
+
+
+async def test_contract_service_delivery_brings_units_to_the_device_count(make_adapter, sim):
+    app, _ = sim
+    adapter = make_adapter(delivery="contract_service")
+    for company in companies(app)[:2]:  # the first has the service already (1-20 units), the second has none yet
+        result = await adapter.push_bill(bill(company, devices=21))
+        assert result.created
+        service = app[STATE].contract_services[int(result.external_id)]
+        assert app[STATE].contracts[service["contractID"]]["companyID"] == company
+        assert app[STATE].units_on(service["id"], date(2026, 2, 1)) == 21
+    assert len(app[STATE].adjustments) == 2
+
+
+async def test_g2_contract_service_pushed_twice_adjusts_once(make_adapter, sim):
+    app, _ = sim
+    adapter = make_adapter(delivery="contract_service")
+    b = bill(companies(app)[1], devices=9)  # its contract has no service yet: 0 units
+    first, second = await adapter.push_bill(b), await adapter.push_bill(b)
+    assert (first.created, second.created) == (True, False)
+    assert len(app[STATE].adjustments) == 1
+
+
+async def test_g2_crash_between_adjustment_and_marker_heals_without_a_second_adjustment(make_adapter, sim):
+    app, _ = sim
+    b = bill(companies(app)[1], devices=9)
+    result = await make_adapter(delivery="contract_service").push_bill(b)
+    app[STATE].contract_services[int(result.external_id)]["internalDescription"] = None  # marker never written
+    again = await make_adapter(delivery="contract_service").push_bill(b)
+    assert not again.created and len(app[STATE].adjustments) == 1
+    assert b.key in app[STATE].contract_services[int(result.external_id)]["internalDescription"]
+
+
+async def test_g3_contract_service_read_back_reports_units_and_amount(make_adapter, sim):
+    app, _ = sim
+    adapter = make_adapter(delivery="contract_service")
+    company = companies(app)[1]
+    await adapter.push_bill(bill(company, devices=6))  # total 25.00 → 4.166667 per unit
+    records = await adapter.read_back(*FEB)
+    assert [(r.key, r.company_external_id, r.quantity, r.amount) for r in records] == [
+        (f"at-test:{company}:2026-02", str(company), Decimal(6), Decimal("25.00"))]
+
+
+async def test_invoice_delivery_is_refused_at_start_up(make_adapter):
+    with pytest.raises(ConfigError, match="invoices"):
+        make_adapter(delivery="invoice")
+
+
+async def test_bad_secret_is_an_auth_error_without_the_secret(make_adapter):
+    adapter = make_adapter(credentials={**CREDENTIALS, "secret": "wrong-secret"})
+    with pytest.raises(AuthError) as info:
+        await adapter.list_companies()
+    assert "wrong-secret" not in str(info.value)
+
+
+async def test_validation_error_is_permanent_and_not_retried(make_adapter, sim):
+    app, _ = sim
+    adapter = make_adapter(billing_code_id=9999)
+    with pytest.raises(PermanentError) as info:
+        await adapter.push_bill(bill(companies(app)[0]))
+    assert info.value.status == 400 and "billingCodeID 9999" in str(info.value)
+    assert app[STATE].requests["POST /atservicesrest/v1.0/Contracts/{parent_id}/Charges"] == 1
+
+
+async def test_company_without_a_contract_is_a_permanent_error(make_adapter, sim):
+    app, _ = sim
+    with pytest.raises(PermanentError, match="no active"):
+        await make_adapter().push_bill(bill(companies(app)[6]))  # only the first six have contracts
+
+
+async def test_recovers_from_429_with_retry_after_and_5xx(make_adapter, sim, sleeps):
+    app, _ = sim
+    adapter = make_adapter(zone_url=str(sim[1].make_url("/atservicesrest/")))  # no zone look-up: queries only
+    app[FAULTS].throttle(1, retry_after=3).drop(1).fail(1, status=503)
+    assert len(await adapter.list_companies()) == 7
+    assert app[FAULTS].served == 3 and adapter.connector.stats.retries == 3 and 3.0 in sleeps
+
+
+async def test_simulator_enforces_three_threads_per_endpoint(sim):
+    app, server = sim
+    app[STATE].latency = 0.05
+    async with aiohttp.ClientSession(headers=HEADERS) as session:
+        url = str(server.make_url("/atservicesrest/v1.0/Companies/query"))
+        body = {"filter": [{"op": "gte", "field": "id", "value": 0}], "MaxRecords": 5}
+
+        async def one() -> int:
+            async with session.post(url, json=body) as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(one() for _ in range(6)))
+    assert statuses.count(200) == 3 and statuses.count(429) == 3
+
+
+async def test_adapter_stays_inside_the_thread_limit_under_concurrent_pushes(make_adapter, sim):
+    app, _ = sim
+    app[STATE].latency = 0.02
+    adapter = make_adapter()
+    assert DEFAULT_RATE_LIMIT.max_concurrent <= app[STATE].thread_limit
+    await asyncio.gather(*(adapter.push_bill(bill(company)) for company in companies(app)[:6]))
+    assert app[STATE].throttled == 0 and app[STATE].peak_threads <= 3
+    assert len(app[STATE].charges) == 12
+
+
+async def test_adapter_rate_limit_keeps_inside_the_hourly_threshold(aiohttp_server, make_adapter):
+    # The hour shrunk to 0.3 s and 10,000 requests to 5, for a test that runs in about a second.
+    app, server = await start(aiohttp_server, companies=10, hourly_limit=5, window_seconds=0.3)
+    adapter = make_adapter(server=server, page_size=1, rate_limit={"requests": 5, "per_seconds": 0.3, "max_concurrent": 3})
+    assert len(await adapter.list_companies()) == 10
+    assert app[STATE].throttled == 0
+    assert sum(app[STATE].requests.values()) == 11  # zone look-up + 10 pages, none refused
+
+
+async def test_g2_a_late_bill_for_an_earlier_cycle_does_not_rewrite_later_units(make_adapter, sim):
+    app, _ = sim
+    adapter = make_adapter(delivery="contract_service")
+    company = companies(app)[1]
+    result = await adapter.push_bill(bill(company, period=MARCH, devices=12))
+    with pytest.raises(PermanentError, match="already carries the cycle from 2026-03-01"):
+        await adapter.push_bill(bill(company, devices=5))  # February, delivered late
+    assert app[STATE].units_on(int(result.external_id), date(2026, 3, 1)) == 12
+    assert len(app[STATE].adjustments) == 1
+
+
+async def proxied(aiohttp_server, sim) -> tuple[FaultProxy, object]:
+    proxy = FaultProxy(str(sim[1].make_url("/")).rstrip("/"))
+    return proxy, await aiohttp_server(proxy.app)
+
+
+async def test_g2_a_lost_answer_to_a_charge_create_leaves_one_charge_per_line(aiohttp_server, sim, make_adapter):
+    app, _ = sim
+    proxy, front = await proxied(aiohttp_server, sim)
+    proxy.lose_responses(1, method="POST", path=r"/Charges$")  # Autotask saved line 1; the answer was lost
+    result = await make_adapter(server=front).push_bill(bill(companies(app)[0]))
+    assert len([s for s in proxy.requests("POST") if s.path.endswith("/Charges")]) == 3  # line 1 went twice
+    assert len(app[STATE].charges) == 2 and result.external_id == str(min(app[STATE].charges))
+    assert not (await make_adapter(server=front).push_bill(bill(companies(app)[0]))).created
+
+
+async def test_g2_a_lost_answer_to_an_adjustment_is_corrected_to_the_device_count(aiohttp_server, sim, make_adapter):
+    app, _ = sim
+    proxy, front = await proxied(aiohttp_server, sim)
+    proxy.lose_responses(1, method="POST", path=r"/ContractServiceAdjustments$")
+    adapter = make_adapter(server=front, delivery="contract_service")
+    result = await adapter.push_bill(bill(companies(app)[1], devices=7))  # a contract without the service: 0 units
+    assert app[STATE].units_on(int(result.external_id), date(2026, 2, 1)) == 7
+    assert [a["unitChange"] for a in app[STATE].adjustments] == [7, 7, -7]  # re-sent, then undone

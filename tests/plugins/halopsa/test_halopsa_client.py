@@ -1,0 +1,204 @@
+"""The HaloPSA adapter against the HaloPSA simulator over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import date
+from decimal import Decimal
+
+import pytest
+
+from gateway.adapters import AdapterContext, BillDocument, BillLineDoc, PsaAdapter
+from gateway.core.settings import ConnectionSettings
+from gateway.errors import AuthError, PermanentError
+from gateway.plugins import get_plugin_manager
+from gateway.plugins.halopsa.client import HaloPsaAdapter
+from gateway.plugins.halopsa.simulator import FAULTS, STATE, create_app
+from gateway.testing.proxy import FaultProxy
+
+CREDENTIALS = {"client_id": "sim-client", "client_secret": "sim-secret"}
+FEB = (date(2026, 2, 1), date(2026, 2, 28))
+MARCH = (date(2026, 3, 1), date(2026, 3, 31))
+
+
+def bill(client: int, period=FEB, devices: int = 4) -> BillDocument:
+    return BillDocument(
+        key=f"halo-test:{client}:{period[0]:%Y-%m}",
+        number=f"INV-{client}-{period[0]:%m}",
+        company_external_id=str(client),
+        customer_name="Client",
+        currency="GBP",
+        period_start=period[0],
+        period_end=period[1],
+        issued_on=period[1],
+        due_on=date(2026, 4, 30),
+        device_count=devices,
+        total=Decimal("2.50") * devices + Decimal("10.00"),
+        lines=(
+            BillLineDoc("Managed devices", Decimal(devices), Decimal("2.50"), Decimal("2.50") * devices),
+            BillLineDoc("Activation fee", Decimal(1), Decimal("10.00"), Decimal("10.00")),
+        ),
+    )
+
+
+@pytest.fixture
+async def sim(aiohttp_server):
+    app = create_app(clients=7, tenant="msp")
+    return app, await aiohttp_server(app)
+
+
+@pytest.fixture
+def sleeps():
+    return []
+
+
+@pytest.fixture
+async def make_adapter(sim, clock, sleeps):
+    adapters = []
+
+    async def no_wait(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    def make(credentials=CREDENTIALS, server=None, **options):
+        settings = ConnectionSettings(
+            name="halo-test",
+            plugin="halopsa",
+            base_url=str((server or sim[1]).make_url("/")),
+            credentials=credentials,
+            options={"page_size": 3, "tenant": "msp", **options},
+        )
+        adapter = HaloPsaAdapter(settings, AdapterContext(clock=clock), sleep=no_wait)
+        adapters.append(adapter)
+        return adapter
+
+    yield make
+    for adapter in adapters:
+        await adapter.aclose()
+
+
+def clients(app) -> list[int]:
+    return sorted(app[STATE].clients)
+
+
+def gateway_invoices(app) -> list[dict]:
+    return [i for i in app[STATE].invoices.values() if "gateway-bill" in (i.get("internal_note") or "")]
+
+
+async def test_adapter_satisfies_the_psa_protocol_and_is_registered(make_adapter):
+    assert isinstance(make_adapter(), PsaAdapter)
+    spec = get_plugin_manager(load_entry_points=False).adapters()["halopsa"]
+    assert spec.role == "psa" and set(spec.required_credentials) == set(CREDENTIALS)
+
+
+async def test_lists_every_client_across_pages(make_adapter, sim):
+    app, _ = sim
+    got = await make_adapter().list_companies()
+    assert [c.external_id for c in got] == [str(i) for i in clients(app)]
+    assert app[STATE].requests["GET /api/Client"] == 3  # pages of 3, 3, 1
+    assert app[STATE].tokens_issued == 1
+
+
+async def test_push_creates_one_invoice_with_lines_and_amount(make_adapter, sim):
+    app, _ = sim
+    client = clients(app)[0]
+    result = await make_adapter().push_bill(bill(client, devices=6))
+    [invoice] = gateway_invoices(app)
+    assert result.created and result.external_id == str(invoice["id"])
+    assert invoice["client_id"] == client and Decimal(str(invoice["total"])) == Decimal("25.00")
+    assert [(line["qty_order"], line["net_amount"]) for line in invoice["lines"]] == [(6.0, 15.0), (1.0, 10.0)]
+
+
+async def test_g2_pushing_the_same_bill_twice_leaves_one_invoice(make_adapter, sim):
+    app, _ = sim
+    adapter = make_adapter()
+    first = await adapter.push_bill(bill(clients(app)[1]))
+    second = await make_adapter().push_bill(bill(clients(app)[1]))  # e.g. after a restart
+    assert (first.created, second.created, first.external_id) == (True, False, second.external_id)
+    assert len(gateway_invoices(app)) == 1
+
+
+async def test_g2_a_lost_answer_to_the_create_leaves_one_invoice(aiohttp_server, sim, make_adapter):
+    app, server = sim
+    proxy = FaultProxy(str(server.make_url("/")).rstrip("/"))
+    front = await aiohttp_server(proxy.app)
+    proxy.lose_responses(1, method="POST", path=r"/api/Invoice$")  # Halo saved it; the answer never came
+    result = await make_adapter(server=front).push_bill(bill(clients(app)[3]))
+    assert len([s for s in proxy.requests("POST") if s.path.startswith("/api/Invoice")]) == 2
+    assert [str(i["id"]) for i in gateway_invoices(app)] == [result.external_id]
+    assert not (await make_adapter(server=front).push_bill(bill(clients(app)[3]))).created
+
+
+async def test_g3_read_back_returns_what_was_pushed_in_the_period(make_adapter, sim):
+    app, _ = sim
+    adapter = make_adapter()
+    a, b = clients(app)[0], clients(app)[4]
+    pushed_a = await adapter.push_bill(bill(a, devices=3))
+    pushed_b = await adapter.push_bill(bill(b, devices=8))
+    await adapter.push_bill(bill(a, period=MARCH, devices=5))
+    records = await adapter.read_back(*FEB)
+    assert sorted((r.key, r.company_external_id, r.external_id, r.quantity, r.amount) for r in records) == sorted([
+        (f"halo-test:{a}:2026-02", str(a), pushed_a.external_id, Decimal(3), Decimal("17.50")),
+        (f"halo-test:{b}:2026-02", str(b), pushed_b.external_id, Decimal(8), Decimal("30.00")),
+    ])
+
+
+async def test_bad_client_secret_is_an_auth_error_without_the_secret(make_adapter):
+    adapter = make_adapter(credentials={**CREDENTIALS, "client_secret": "wrong-secret"})
+    with pytest.raises(AuthError) as info:
+        await adapter.list_companies()
+    assert "wrong-secret" not in str(info.value)
+
+
+async def test_expired_token_is_refreshed_once_and_the_call_succeeds(make_adapter, sim):
+    app, _ = sim
+    adapter = make_adapter()
+    await adapter.list_companies()
+    app[FAULTS].expire_tokens()
+    assert len(await adapter.list_companies()) == 7
+    assert app[STATE].tokens_issued == 2
+
+
+async def test_validation_error_is_permanent_and_not_retried(make_adapter, sim):
+    app, _ = sim
+    with pytest.raises(PermanentError) as info:
+        await make_adapter().push_bill(bill(99999))  # no such client
+    assert info.value.status == 400 and "valid Client" in str(info.value)
+    assert app[STATE].requests["POST /api/Invoice"] == 1
+
+
+async def test_recovers_from_429_and_5xx(make_adapter, sim, sleeps):
+    app, _ = sim
+    adapter = make_adapter()
+    await adapter.list_companies()  # token fetched
+    app[FAULTS].throttle(1).fail(1, status=502).throttle(1, retry_after=4)
+    assert (await adapter.push_bill(bill(clients(app)[2]))).created
+    assert len(gateway_invoices(app)) == 1
+    assert app[FAULTS].served == 3 and adapter.connector.stats.retries == 3 and 4.0 in sleeps
+
+
+async def test_throttled_tenant_is_survived(aiohttp_server, clock):
+    app = create_app(clients=5, rate_limit=(3, 0.3))
+    server = await aiohttp_server(app)
+    settings = ConnectionSettings(name="halo-rl", plugin="halopsa", base_url=str(server.make_url("/")),
+                                  credentials=CREDENTIALS, options={"page_size": 1})
+
+    async def wait_out_the_window(_: float) -> None:
+        await asyncio.sleep(0.3)
+
+    adapter = HaloPsaAdapter(settings, AdapterContext(clock=clock), sleep=wait_out_the_window)
+    assert len(await adapter.list_companies()) == 5
+    assert adapter.connector.stats.throttled >= 1
+    await adapter.aclose()
+
+
+async def test_a_token_past_its_lifetime_is_renewed(aiohttp_server, clock):
+    app = create_app(clients=2, token_lifetime=600, clock=clock)
+    server = await aiohttp_server(app)
+    settings = ConnectionSettings(name="halo-life", plugin="halopsa", base_url=str(server.make_url("/")),
+                                  credentials=CREDENTIALS)
+    adapter = HaloPsaAdapter(settings, AdapterContext(clock=clock))
+    await adapter.list_companies()
+    clock.advance(minutes=11)  # past the token's 10 minutes
+    assert len(await adapter.list_companies()) == 2
+    assert app[STATE].tokens_issued == 2
+    await adapter.aclose()
