@@ -31,7 +31,15 @@ ENTRY_POINT_GROUP = "gateway.plugins"
 
 #: Built-in plugins, registered before installed ones. Adding a tool to the
 #: core means adding its package here; nothing else in the core changes.
-DEFAULT_PLUGINS: tuple[str, ...] = ()
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "gateway.plugins.ninjaone",
+    "gateway.plugins.datto_rmm",
+    "gateway.plugins.connectwise",
+    "gateway.plugins.autotask",
+    "gateway.plugins.halopsa",
+    "gateway.sync.webhook_schemes",
+    "gateway.sync.webhook_handlers",
+)
 
 
 @dataclass
