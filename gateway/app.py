@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.adapters import AdapterContext, AdapterSpec, PsaAdapter, RmmAdapter
 from gateway.core import db as gdb
 from gateway.core.clock import Clock, SystemClock
-from gateway.core.settings import ConnectionSettings, Settings
+from gateway.core.settings import ConnectionSettings, Settings, credential_env_name
 from gateway.errors import ConfigError
 from gateway.plugins import GatewayPluginManager, get_plugin_manager
 
@@ -68,15 +68,22 @@ def validate_connections(settings: Settings, plugins: GatewayPluginManager) -> N
                 f"{connection.plugin!r} is not installed (installed adapter kinds: {known}); "
                 "install the plugin or fix the name"
             )
+        prefix = f"config error in {where}: connections[{index}] ({connection.name!r})"
         for key in spec.required_credentials:
             secret = connection.credentials.get(key)
             if secret is None or not secret.get_secret_value():
-                from gateway.core.settings import credential_env_name
-
                 raise ConfigError(
-                    f"config error in {where}: connections[{index}] ({connection.name!r}): missing required "
-                    f"secret credentials.{key}; set it in the file or in {credential_env_name(connection.name, key)}"
+                    f"{prefix}: missing required secret credentials.{key}; set it in the file or in "
+                    f"{credential_env_name(connection.name, key)}"
                 )
+        # Building the adapter checks its options now, not at its first pull or push. Adapters open
+        # no connection until their first request, so there is nothing to close here.
+        try:
+            spec.factory(connection, AdapterContext(clock=SystemClock()))
+        except ConfigError as exc:
+            raise ConfigError(f"{prefix}: {exc}") from None
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"{prefix}: invalid options for plugin {connection.plugin!r}: {exc}") from None
 
 
 def build_gateway(

@@ -12,7 +12,7 @@ Jobs (each a coordinator, so one failing never stops another, G5):
   exclusive across processes (an advisory lock per connection on PostgreSQL);
 - ``outbox``: deliveries, shared by every process through row claims;
 - ``billing``: the billing calendar, leader only;
-- ``licensing-daily``: expiries and reminders, leader only, once per UTC day.
+- ``licensing``: expiries and reminders, leader only, hourly (each reminder is recorded and sent once).
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from sqlalchemy import text
 
 from gateway.app import Gateway
-from gateway.sync.scheduler import Leadership, ScheduledJob, Scheduler
+from gateway.sync.scheduler import AdvisoryLock, Leadership, ScheduledJob, Scheduler
 from gateway.web.app import create_app
 
 log = structlog.get_logger(__name__)
@@ -42,27 +41,16 @@ def worker_id() -> str:
 
 
 def exclusive(gateway: Gateway, name: str, run: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
-    """Run ``run`` only if no other process is running the job of that name (PostgreSQL advisory lock)."""
-    if gateway.engine.dialect.name != "postgresql":
-        return run
-    key = zlib.crc32(f"gateway-job:{name}".encode())
+    """Run ``run`` only if no other process is running the job of that name (an advisory lock per job)."""
+    lock = AdvisoryLock(gateway.engine, zlib.crc32(f"gateway-job:{name}".encode()))
 
     async def guarded() -> Any:
-        connection = await asyncio.to_thread(gateway.engine.connect)
+        if not await asyncio.to_thread(lock.try_acquire):
+            return "running elsewhere"
         try:
-            got = await asyncio.to_thread(
-                lambda: connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
-            )
-            if not got:
-                return "running elsewhere"
-            try:
-                return await run()
-            finally:
-                await asyncio.to_thread(
-                    lambda: connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                )
+            return await run()
         finally:
-            await asyncio.to_thread(connection.close)
+            await asyncio.to_thread(lock.release)
 
     return guarded
 
@@ -96,8 +84,8 @@ def build_jobs(gateway: Gateway, scheduler_stop: asyncio.Event, worker: str) -> 
     jobs += [
         ScheduledJob("outbox", settings.scheduler.outbox_interval_seconds, outbox),
         ScheduledJob("billing", settings.scheduler.billing_interval_seconds, billing, leader_only=True),
-        # The job itself records each reminder once, so running it hourly is safe and catches up after downtime.
-        ScheduledJob("licensing-daily", 3600.0, licensing_daily, leader_only=True),
+        # The job records each reminder once, so running it often is safe and catches up after downtime.
+        ScheduledJob("licensing", settings.scheduler.licensing_interval_seconds, licensing_daily, leader_only=True),
     ]
     return jobs
 

@@ -39,6 +39,7 @@ from gateway.core.clock import FrozenClock
 from gateway.core.db import transaction
 from gateway.core.models import Bill, Customer, Delivery, Device, DeviceActivity, Edition, LicenseType, Workspace
 from gateway.core.settings import load_settings
+from gateway.errors import ConfigError
 
 #: Customers of the demo partner: name, IANA time zone, PSA connections their bills go to.
 CUSTOMERS = [
@@ -185,6 +186,22 @@ credentials = {{ client_id = "sim-client", client_secret = "sim-secret" }}
     return config
 
 
+MARKER = ".gateway-demo"
+
+
+def _prepare_directory(path: Path) -> None:
+    """Start from an empty demo directory; never delete a directory the demo did not make."""
+    if path.exists() and any(path.iterdir()):
+        if not (path / MARKER).exists():
+            raise ConfigError(
+                f"{path} is not empty and was not made by 'gateway demo'; choose another --dir "
+                "(the demo replaces its directory on every run)"
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).write_text("made by gateway demo; the directory is replaced on every run\n")
+
+
 def last_month(today: date) -> Period:
     last = today.replace(day=1) - timedelta(days=1)
     return Period(last.replace(day=1), last)
@@ -258,8 +275,7 @@ async def run_demo(directory_path: Path, *, serve: bool = False, today: date | N
     today = today or datetime.now(timezone.utc).date()
     period = last_month(today)
     clock = FrozenClock(datetime.combine(period.start - timedelta(days=1), time(12), tzinfo=timezone.utc))
-    shutil.rmtree(directory_path, ignore_errors=True)
-    directory_path.mkdir(parents=True)
+    _prepare_directory(directory_path)
     sims = await start_simulators(clock)
     try:
         config = write_config(directory_path, sims)
@@ -368,7 +384,7 @@ async def _serve(gateway: Gateway) -> None:
     """Keep the daemon (admin API, webhooks, health, metrics) running until Ctrl-C."""
     from gateway.daemon import build_daemon_app
     from gateway.core.models import UserRole
-    from gateway.web.auth import create_token, create_user
+    from gateway.core.users import create_token, create_user
 
     with transaction(gateway.db) as session:
         partner = directory.only_partner(session)

@@ -79,3 +79,15 @@ def test_python_dash_m_gateway_runs_the_same_cli(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("gateway: error: config error in") and "server.port" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bad_adapter_option_is_caught_by_config_check_not_at_the_first_push(tmp_path, capsys):
+    path = config(
+        tmp_path,
+        '[[connections]]\nname = "cw"\nplugin = "connectwise"\nbase_url = "http://127.0.0.1:9"\n'
+        'credentials = { company = "c", public_key = "p", private_key = "k-secret", client_id = "i" }\n'
+        'options = { delivery = "invoices" }\n',
+    )
+    assert main(["--config", path, "config", "check"]) == 2
+    line = one_error_line(capsys)
+    assert "connections[0] ('cw')" in line and "delivery" in line and "k-secret" not in line

@@ -29,8 +29,8 @@ from gateway.errors import DatabaseError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
-# SQLite stores NUMERIC as text-or-real; SQLAlchemy quantizes to the column's
-# four decimal places on the way out, which is exact for amounts below 1e11.
+# Money has its own type (models.Money) that keeps exact text on SQLite; this silences
+# the warning for any plain Numeric a query expression may still produce there.
 warnings.filterwarnings("ignore", message=r"Dialect sqlite\+pysqlite does \*not\* support Decimal", category=sa_exc.SAWarning)
 
 
@@ -39,9 +39,10 @@ def make_engine(url: str, *, echo: bool = False, pool_size: int = 5) -> Engine:
     try:
         parsed = make_url(url)
     except sa_exc.ArgumentError:
+        # The text is not echoed: a mistyped URL may still carry a password.
         raise DatabaseError(
-            f"database.url {url!r} is not a database URL; use e.g. sqlite:///gateway.db or "
-            "postgresql+psycopg://user@host/dbname"
+            "database.url is not a database URL; use e.g. sqlite:///gateway.db or "
+            "postgresql+psycopg://user:password@host/dbname"
         ) from None
     safe = parsed.render_as_string(hide_password=True)
     try:

@@ -40,6 +40,9 @@ class SecretRedactor:
         merged = set(self._secrets) | {s for s in secrets if s and len(s) >= 4}
         self._secrets = sorted(merged, key=len, reverse=True)
 
+    def forget(self, secret: str) -> None:
+        self._secrets = [s for s in self._secrets if s != secret]
+
     def __call__(self, _logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
         return {key: self._clean(key, value) for key, value in event.items()}
 
@@ -64,8 +67,10 @@ class SecretRedactor:
 redactor = SecretRedactor()
 
 
-def add_secrets(secrets: Iterable[str]) -> None:
-    """Register more values to redact (e.g. tokens obtained at run time)."""
+def add_secrets(secrets: Iterable[str], *, replacing: str | None = None) -> None:
+    """Register values to redact that appear at run time (OAuth tokens); ``replacing`` drops an expired one."""
+    if replacing:
+        redactor.forget(replacing)
     redactor.update(secrets)
 
 

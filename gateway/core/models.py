@@ -67,13 +67,40 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(timezone.utc)
 
 
-#: Money and quantities: exact decimals with four places.
-Money = Numeric(18, 4, asdecimal=True)
+class Money(TypeDecorator[Decimal]):
+    """Money and quantities: exact decimals with four places, NUMERIC(18, 4) where the database has it.
+
+    SQLite has no decimal type: a NUMERIC column there stores a REAL (a binary
+    float). So on SQLite the value is kept as its exact decimal text, and every
+    database hands back a Decimal. Sums are computed in Python, never in SQL.
+    """
+
+    impl = Numeric(18, 4, asdecimal=True)
+    cache_ok = True
+    _QUANTUM = Decimal("0.0001")
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(40))
+        return dialect.type_descriptor(Numeric(18, 4, asdecimal=True))
+
+    def process_bind_param(self, value: Decimal | int | str | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, float):
+            raise TypeError(f"money must be a Decimal, not the float {value!r}; use Decimal('...')")
+        amount = Decimal(value).quantize(self._QUANTUM)
+        return str(amount) if dialect.name == "sqlite" else amount
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        return Decimal(value).quantize(self._QUANTUM)
 
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime(), Decimal: Money, dict[str, Any]: JSON}
+    type_annotation_map = {datetime: UTCDateTime(), Decimal: Money(), dict[str, Any]: JSON}
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:
@@ -385,6 +412,8 @@ class Device(Base):
     updated_at: Mapped[datetime]
     #: M3: why the device was refused (e.g. the workspace is at its maximum); None = accepted.
     refused_reason: Mapped[str | None] = mapped_column(String(255))
+    #: The device pull pass that last listed it; a complete pass marks the devices it did not list deleted.
+    last_seen_pass: Mapped[str | None] = mapped_column(String(32))
 
 
 class DeviceActivity(Base):

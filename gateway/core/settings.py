@@ -18,7 +18,7 @@ import tomllib
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -93,6 +93,26 @@ class ConnectionSettings(_Section):
             )
         return secret.get_secret_value()
 
+    @overload
+    def int_option(self, key: str, default: int, *, minimum: int, maximum: int | None = None) -> int: ...
+    @overload
+    def int_option(self, key: str, default: None, *, minimum: int, maximum: int | None = None) -> int | None: ...
+
+    def int_option(self, key: str, default: int | None, *, minimum: int, maximum: int | None = None) -> int | None:
+        """A whole-number option (an int, or a string of digits); raises ConfigError naming the connection if bad."""
+        value = self.options.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value >= minimum and (maximum is None or value <= maximum):
+                return value
+        expected = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+        raise ConfigError(
+            f"connection {self.name!r}: options.{key} must be a whole number {expected}, not {value!r}"
+        )
+
 
 class MailSettings(_Section):
     """SMTP server for bills and reports (S2: required before any plan association)."""
@@ -155,7 +175,8 @@ class SchedulerSettings(_Section):
     enabled: bool = True
     outbox_interval_seconds: float = Field(default=15.0, gt=0)
     billing_interval_seconds: float = Field(default=300.0, gt=0)
-    licensing_daily_at: str = Field(default="02:00", pattern=r"^\d{2}:\d{2}$")
+    #: The licensing job (expiries, reminders) records what it did, so it runs this often and catches up after downtime.
+    licensing_interval_seconds: float = Field(default=3600.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -230,6 +251,10 @@ class Settings(BaseSettings):
                     walk(item)
 
         walk(self)
+        # The database password sits inside a URL string, not in a SecretStr.
+        match = re.match(r"^[^:/]+://[^:/@]+:([^@]+)@", self.database.url)
+        if match:
+            values.append(match.group(1))
         return values
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import structlog
 
+from gateway.errors import GatewayError
+
 log = structlog.get_logger(__name__)
 
 
@@ -58,7 +60,9 @@ class Coordinator:
             self.state.consecutive_failures += 1
             self.state.last_error = f"{type(exc).__name__}: {exc}"
             if self.state.consecutive_failures == 1:
-                log.error("job.failed", job=self.name, error=self.state.last_error)
+                # A GatewayError is an expected failure with a clear message; anything else is a bug: keep its traceback.
+                log.error("job.failed", job=self.name, error=self.state.last_error,
+                          exc_info=None if isinstance(exc, GatewayError) else exc)
                 await _maybe_await(self.on_failure(self.name, exc) if self.on_failure else None)
             else:
                 log.debug("job.still_failing", job=self.name, failures=self.state.consecutive_failures)

@@ -47,6 +47,7 @@ from tenacity import (
 from yarl import URL
 
 from gateway.core.clock import Clock, SystemClock
+from gateway.core.logging import add_secrets
 from gateway.errors import AuthError, CircuitOpen, PermanentError, RateLimited, TransientError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -183,6 +184,8 @@ class _OAuth2Token(Auth):
             )
         expires_in = float(payload.get("expires_in") or 3600)
         margin = min(self.margin_seconds, expires_in / 10)
+        # A token is a secret like any other: no log line may carry it, whoever logs it.
+        add_secrets([str(token)], replacing=self._token)
         self._token = str(token)
         self._expires_at = connector.clock.now() + timedelta(seconds=expires_in - margin)
         log.info("http.token", connection=connector.name, token_url=self.token_url, expires_in=expires_in)

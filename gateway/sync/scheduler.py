@@ -13,6 +13,7 @@ through row claims (``FOR UPDATE SKIP LOCKED``) in the jobs themselves.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,51 +29,57 @@ log = structlog.get_logger(__name__)
 LEADER_LOCK_KEY = 0x6761_7465_7761_79  # "gateway"
 
 
-class Leadership:
-    """Who owns the leader-only jobs. SQLite serves one process, which always leads."""
+class AdvisoryLock:
+    """A PostgreSQL session-level advisory lock, held on a connection of its own.
 
-    def __init__(self, engine: Engine, key: int = LEADER_LOCK_KEY):
+    The connection runs in AUTOCOMMIT, so it never sits "idle in transaction"
+    (where ``idle_in_transaction_session_timeout`` would end it and silently drop
+    the lock). Calls come from worker threads, so a mutex keeps the one
+    connection to one thread at a time. On any other database the lock is
+    always ours: SQLite serves one process.
+    """
+
+    def __init__(self, engine: Engine, key: int):
         self.engine = engine
         self.key = key
         self._connection: Connection | None = None
+        self._mutex = threading.Lock()
 
     @property
     def is_postgres(self) -> bool:
         return self.engine.dialect.name == "postgresql"
 
     def try_acquire(self) -> bool:
-        """True if this process leads now (blocking DB call: run it in a thread from async code)."""
+        """True if we hold the lock now (blocking: call it in a thread from async code). Re-entrant."""
         if not self.is_postgres:
             return True
-        if self._connection is not None:
+        with self._mutex:
+            if self._connection is not None:
+                try:
+                    self._connection.execute(text("SELECT 1"))
+                    return True
+                except Exception:  # our connection died, and the lock with it
+                    self._drop()
+            connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
             try:
-                self._connection.execute(text("SELECT 1"))
+                got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": self.key}).scalar()
+            except Exception:
+                connection.close()
+                raise
+            if got:
+                self._connection = connection
                 return True
-            except Exception:  # our connection died: the lock went with it
-                self._drop()
-        connection = self.engine.connect()
-        try:
-            got = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": self.key}).scalar()
-            connection.commit()
-        except Exception:
             connection.close()
-            raise
-        if got:
-            self._connection = connection
-            log.info("scheduler.leader_acquired")
-            return True
-        connection.close()
-        return False
+            return False
 
     def release(self) -> None:
-        if self._connection is not None:
-            try:
-                self._connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
-                self._connection.commit()
-            except Exception:
-                pass
-            self._drop()
-            log.info("scheduler.leader_released")
+        with self._mutex:
+            if self._connection is not None:
+                try:
+                    self._connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+                except Exception:
+                    pass
+                self._drop()
 
     def _drop(self) -> None:
         if self._connection is not None:
@@ -81,6 +88,26 @@ class Leadership:
             except Exception:
                 pass
         self._connection = None
+
+
+class Leadership(AdvisoryLock):
+    """Who owns the leader-only jobs (the billing calendar, the licensing job)."""
+
+    def __init__(self, engine: Engine, key: int = LEADER_LOCK_KEY):
+        super().__init__(engine, key)
+
+    def try_acquire(self) -> bool:
+        held = self._connection is not None
+        got = super().try_acquire()
+        if got and not held and self.is_postgres:
+            log.info("scheduler.leader_acquired")
+        return got
+
+    def release(self) -> None:
+        held = self._connection is not None
+        super().release()
+        if held:
+            log.info("scheduler.leader_released")
 
 
 @dataclass

@@ -74,3 +74,24 @@ def test_unreachable_postgres_is_one_clear_line():
         gdb.ping(engine)
     assert "cannot reach the database at postgresql+psycopg://nobody@127.0.0.1:1/nothing" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_money_is_stored_exactly_never_as_a_float(db, db_engine):
+    at = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    with gdb.transaction(db) as s:
+        s.add(Partner(name="P", created_at=at, discount_percent=Decimal("12345678901234.5678")))
+    with db_engine.connect() as connection:
+        if db_engine.dialect.name == "sqlite":
+            kind, raw = connection.exec_driver_sql("SELECT typeof(discount_percent), discount_percent FROM partners").one()
+            assert (kind, raw) == ("text", "12345678901234.5678")
+        else:
+            raw = connection.exec_driver_sql("SELECT discount_percent FROM partners").scalar()
+            assert raw == Decimal("12345678901234.5678")
+    with db() as s:
+        assert s.scalars(select(Partner)).one().discount_percent == Decimal("12345678901234.5678")
+
+
+def test_float_money_is_refused(db):
+    with pytest.raises(Exception, match="money must be a Decimal"):
+        with gdb.transaction(db) as s:
+            s.add(Partner(name="P", created_at=datetime(2026, 1, 1, tzinfo=timezone.utc), discount_percent=0.1))

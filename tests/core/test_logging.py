@@ -71,3 +71,15 @@ def test_level_filters_debug_lines():
     structlog.get_logger("t").info("quiet")
     structlog.get_logger("t").warning("loud")
     assert [line["event"] for line in _lines(stream)] == ["loud"]
+
+
+def test_run_time_tokens_are_redacted_and_an_expired_one_is_forgotten():
+    from gateway.core.logging import add_secrets, redactor
+
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    add_secrets(["token-one-abcdef"])
+    add_secrets(["token-two-abcdef"], replacing="token-one-abcdef")
+    structlog.get_logger("t").info("got token-two-abcdef")
+    assert _lines(stream)[0]["event"] == f"got {REDACTED}"
+    assert "token-one-abcdef" not in redactor._secrets  # the list stays bounded as tokens rotate

@@ -25,3 +25,11 @@ def test_demo_runs_the_full_cycle_and_reconciles_clean(tmp_path: Path):
     # the demo leaves a real configuration and database that the CLI can read
     config = tmp_path / "demo" / "gateway.toml"
     assert main(["--config", str(config), "deliveries", "list", "--status", "delivered"]) == 0
+
+
+def test_demo_refuses_a_directory_it_did_not_make(tmp_path: Path, capsys):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    assert main(["demo", "--dir", str(tmp_path)]) == 2
+    assert "was not made by 'gateway demo'" in capsys.readouterr().err
+    assert precious.read_text() == "keep me"

@@ -52,3 +52,48 @@ async def test_stop_lets_running_work_finish():
     await scheduler.stop(timeout=2)
     assert finished == [True]
     assert scheduler.status()["slow"]["runs"] == 1
+
+
+def test_lock_connection_is_never_idle_in_transaction(postgres_engine):
+    from sqlalchemy import text
+
+    lock = Leadership(postgres_engine, key=4444)
+    assert lock.try_acquire()
+    with postgres_engine.connect() as probe:
+        states = probe.execute(
+            text("SELECT state FROM pg_stat_activity WHERE pid = :pid"),
+            {"pid": lock._connection.connection.dbapi_connection.info.backend_pid},
+        ).scalars().all()
+    assert states == ["idle"]
+    lock.release()
+
+
+async def test_leader_keeps_leading_when_its_jobs_ask_at_once(postgres_engine):
+    import asyncio
+
+    lock = Leadership(postgres_engine, key=4545)
+    results = await asyncio.gather(*(asyncio.to_thread(lock.try_acquire) for _ in range(8)))
+    assert all(results)
+    lock.release()
+
+
+async def test_exclusive_job_runs_in_one_process_at_a_time(postgres_engine):
+    import asyncio
+    import zlib
+    from types import SimpleNamespace
+
+    from gateway.daemon import exclusive
+    from gateway.sync.scheduler import AdvisoryLock
+
+    other = AdvisoryLock(postgres_engine, zlib.crc32(b"gateway-job:pull:x"))
+    assert other.try_acquire()  # another process is pulling this connection
+    ran = []
+
+    async def pull():
+        ran.append(True)
+
+    guarded = exclusive(SimpleNamespace(engine=postgres_engine), "pull:x", pull)
+    assert await guarded() == "running elsewhere" and ran == []
+    other.release()
+    await guarded()
+    assert ran == [True]

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-21 20:49:50.420773
+Create Date: 2026-11-21 21:35:51.514271
 """
 
 from alembic import op
@@ -49,7 +49,7 @@ def upgrade() -> None:
     sa.Column('name', sa.String(length=200), nullable=False),
     sa.Column('email', sa.String(length=320), nullable=True),
     sa.Column('currency', sa.String(length=3), nullable=False),
-    sa.Column('discount_percent', sa.Numeric(precision=18, scale=4), nullable=False),
+    sa.Column('discount_percent', gateway.core.models.Money(precision=18, scale=4), nullable=False),
     sa.Column('invoice_prefix', sa.String(length=20), nullable=False),
     sa.Column('next_bill_number', sa.Integer(), nullable=False),
     sa.Column('pool_mode', sa.Enum('global', 'limited', name='poolmode', native_enum=False, length=32), nullable=False),
@@ -83,7 +83,7 @@ def upgrade() -> None:
     sa.Column('partner_id', sa.Integer(), nullable=False),
     sa.Column('enabled_at', gateway.core.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('timezone', sa.String(length=64), nullable=False),
-    sa.Column('price_per_device', sa.Numeric(precision=18, scale=4), nullable=False),
+    sa.Column('price_per_device', gateway.core.models.Money(precision=18, scale=4), nullable=False),
     sa.Column('currency', sa.String(length=3), nullable=False),
     sa.Column('ends_on', sa.Date(), nullable=True),
     sa.Column('cancelled_at', gateway.core.models.UTCDateTime(timezone=True), nullable=True),
@@ -99,9 +99,9 @@ def upgrade() -> None:
     sa.Column('quantity', sa.Integer(), nullable=False),
     sa.Column('term_months', sa.Integer(), nullable=False),
     sa.Column('currency', sa.String(length=3), nullable=False),
-    sa.Column('list_total', sa.Numeric(precision=18, scale=4), nullable=False),
-    sa.Column('discount_percent', sa.Numeric(precision=18, scale=4), nullable=False),
-    sa.Column('total', sa.Numeric(precision=18, scale=4), nullable=False),
+    sa.Column('list_total', gateway.core.models.Money(precision=18, scale=4), nullable=False),
+    sa.Column('discount_percent', gateway.core.models.Money(precision=18, scale=4), nullable=False),
+    sa.Column('total', gateway.core.models.Money(precision=18, scale=4), nullable=False),
     sa.Column('actor', sa.String(length=200), nullable=False),
     sa.ForeignKeyConstraint(['partner_id'], ['partners.id'], name=op.f('fk_orders_partner_id_partners'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_orders'))
@@ -113,7 +113,7 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('partner_id', sa.Integer(), nullable=False),
     sa.Column('name', sa.String(length=200), nullable=False),
-    sa.Column('price_per_device', sa.Numeric(precision=18, scale=4), nullable=False),
+    sa.Column('price_per_device', gateway.core.models.Money(precision=18, scale=4), nullable=False),
     sa.Column('currency', sa.String(length=3), nullable=False),
     sa.Column('created_at', gateway.core.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('archived_at', gateway.core.models.UTCDateTime(timezone=True), nullable=True),
@@ -165,7 +165,7 @@ def upgrade() -> None:
     sa.Column('period_end', sa.Date(), nullable=False),
     sa.Column('currency', sa.String(length=3), nullable=False),
     sa.Column('device_count', sa.Integer(), nullable=False),
-    sa.Column('total', sa.Numeric(precision=18, scale=4), nullable=False),
+    sa.Column('total', gateway.core.models.Money(precision=18, scale=4), nullable=False),
     sa.Column('status', sa.Enum('draft', 'issued', 'paid', 'overdue', 'void', name='billstatus', native_enum=False, length=32), nullable=False),
     sa.Column('issued_on', sa.Date(), nullable=False),
     sa.Column('due_on', sa.Date(), nullable=False),
@@ -209,7 +209,7 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('plan_id', sa.Integer(), nullable=False),
     sa.Column('effective_from', sa.Date(), nullable=False),
-    sa.Column('price_per_device', sa.Numeric(precision=18, scale=4), nullable=False),
+    sa.Column('price_per_device', gateway.core.models.Money(precision=18, scale=4), nullable=False),
     sa.ForeignKeyConstraint(['plan_id'], ['service_plans.id'], name=op.f('fk_service_plan_prices_plan_id_service_plans'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_service_plan_prices')),
     sa.UniqueConstraint('plan_id', 'effective_from', name=op.f('uq_service_plan_prices_plan_id_effective_from'))
@@ -246,7 +246,7 @@ def upgrade() -> None:
     sa.Column('customer_id', sa.Integer(), nullable=False),
     sa.Column('kind', sa.String(length=32), nullable=False),
     sa.Column('description', sa.String(length=500), nullable=False),
-    sa.Column('amount', sa.Numeric(precision=18, scale=4), nullable=False),
+    sa.Column('amount', gateway.core.models.Money(precision=18, scale=4), nullable=False),
     sa.Column('currency', sa.String(length=3), nullable=False),
     sa.Column('created_at', gateway.core.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('applied_to_bill_id', sa.Integer(), nullable=True),
@@ -263,9 +263,9 @@ def upgrade() -> None:
     sa.Column('position', sa.Integer(), nullable=False),
     sa.Column('kind', sa.String(length=32), nullable=False),
     sa.Column('description', sa.String(length=500), nullable=False),
-    sa.Column('quantity', sa.Numeric(precision=18, scale=4), nullable=False),
-    sa.Column('unit_price', sa.Numeric(precision=18, scale=4), nullable=False),
-    sa.Column('amount', sa.Numeric(precision=18, scale=4), nullable=False),
+    sa.Column('quantity', gateway.core.models.Money(precision=18, scale=4), nullable=False),
+    sa.Column('unit_price', gateway.core.models.Money(precision=18, scale=4), nullable=False),
+    sa.Column('amount', gateway.core.models.Money(precision=18, scale=4), nullable=False),
     sa.ForeignKeyConstraint(['bill_id'], ['bills.id'], name=op.f('fk_bill_lines_bill_id_bills'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_bill_lines'))
     )
@@ -308,6 +308,7 @@ def upgrade() -> None:
     sa.Column('first_seen_at', gateway.core.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('updated_at', gateway.core.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('refused_reason', sa.String(length=255), nullable=True),
+    sa.Column('last_seen_pass', sa.String(length=32), nullable=True),
     sa.ForeignKeyConstraint(['workspace_id'], ['workspaces.id'], name=op.f('fk_devices_workspace_id_workspaces'), ondelete='SET NULL'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_devices')),
     sa.UniqueConstraint('connection', 'external_id', name=op.f('uq_devices_connection_external_id'))
