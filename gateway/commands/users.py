@@ -13,7 +13,7 @@ from gateway.commands.common import add_json_flag, gateway_from_args, print_json
 from gateway.core.db import transaction
 from gateway.core.models import ApiToken, Partner, User, UserRole
 from gateway.errors import DomainError, NotFound
-from gateway.web.auth import create_token, create_user, describe_user, revoke_token
+from gateway.core.users import create_token, create_user, describe_user, revoke_token
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -41,7 +41,8 @@ Decisions the rules leave open (DOMAIN.md's own decisions are not repeated):
   its limit to all its users and their own settings are ignored; a company on the global
   pool (the default) leaves each user's own setting in force. A limit counts active
   (assigned, unexpired) licenses: of the whole partner for a company pool, or those the
-  user assigned for a user pool.
+  user assigned for a user pool. An assignment locks the row holding the limit (the
+  partner or the user) before counting, so concurrent assignments cannot overshoot it.
 - **Bulk delete** (L16) voids licenses rather than removing rows, so that their history
   (L10) and the order history (L12) stay whole; lists hide void licenses unless asked.
 - **Reminders** (L4): counted in whole UTC days before the expiry day. When the job
@@ -71,7 +72,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, Select, func, or_, select
+from sqlalchemy import ColumnElement, Select, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
@@ -693,8 +694,37 @@ def _active_count(session: Session, now: datetime, *, partner_id: int, user_id: 
     return session.scalar(stmt) or 0
 
 
-def _check_allocation(session: Session, partner: Partner, user: User | None, now: datetime) -> None:
+def _lock_allocation(session: Session, partner: Partner, user: User | None) -> Allocation:
+    """Lock the row holding the limit in force; return the allocation with that row re-read.
+
+    Concurrent assignments under the same limit queue on that row, so each counts the
+    licenses the others committed and a limit is never exceeded.
+    """
     allocation = effective_allocation(partner, user)
+    if allocation.mode != PoolMode.LIMITED:
+        return allocation
+    owner: type[Partner] | type[User] = Partner
+    owner_id = partner.id
+    if allocation.source == "user":
+        assert user is not None
+        owner, owner_id = User, user.id
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLite has no row locks: writing the row takes its one write lock, which queues assignments instead.
+        session.execute(
+            update(owner).where(owner.id == owner_id).values(pool_limit=owner.pool_limit)
+            .execution_options(synchronize_session=False)
+        )
+    # FOR NO KEY UPDATE: assignments queue on the row; purchases, which only reference it, do not.
+    session.scalar(
+        select(owner).where(owner.id == owner_id)
+        .with_for_update(key_share=True)
+        .execution_options(populate_existing=True)
+    )
+    return effective_allocation(partner, user)
+
+
+def _check_allocation(session: Session, partner: Partner, user: User | None, now: datetime) -> None:
+    allocation = _lock_allocation(session, partner, user)
     if allocation.mode != PoolMode.LIMITED:
         return
     limit = allocation.limit or 0

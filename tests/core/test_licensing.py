@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from gateway.core import db as gdb
@@ -349,46 +351,77 @@ def test_l8_renewing_an_expired_license_with_a_coupon_starts_today(session, cloc
     assert lic.expires_at == add_months(clock.now(), 12)
 
 
+def _wait_until_blocked_or_done(engine: Engine, thread: threading.Thread, timeout: float = 10) -> None:
+    """Return once ``thread`` has ended or some session of this database waits on a row lock."""
+    deadline = time.monotonic() + timeout
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        while thread.is_alive() and time.monotonic() < deadline:
+            waiting = conn.scalar(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ))
+            if waiting:
+                return
+            time.sleep(0.02)
+
+
+def race(engine: Engine, first: Callable[[Session], object], second: Callable[[Session], object]) -> dict[str, object]:
+    """Run ``first`` in a transaction kept open until ``second``, in its own, has ended or waits on a lock.
+
+    Returns each side's result, or the exception it raised. Without a lock the second
+    side reads past the first's uncommitted work; with one it waits for the commit.
+    """
+    factory = gdb.session_factory(engine)
+    outcomes: dict[str, object] = {}
+    first_ran, release = threading.Event(), threading.Event()
+
+    def run_first() -> None:
+        try:
+            with gdb.transaction(factory) as s:
+                outcomes["first"] = first(s)
+                first_ran.set()
+                release.wait(15)
+        except Exception as exc:  # recorded and asserted by the caller
+            outcomes["first"] = exc
+        finally:
+            first_ran.set()
+
+    def run_second() -> None:
+        try:
+            with gdb.transaction(factory) as s:
+                outcomes["second"] = second(s)
+        except Exception as exc:
+            outcomes["second"] = exc
+
+    one_thread = threading.Thread(target=run_first)
+    one_thread.start()
+    assert first_ran.wait(15)
+    other_thread = threading.Thread(target=run_second)
+    other_thread.start()
+    if engine.dialect.name == "postgresql":
+        _wait_until_blocked_or_done(engine, other_thread)
+    else:
+        other_thread.join(0.2)  # SQLite shows no lock waits: a blocked writer sits in its busy handler
+    release.set()
+    one_thread.join(15)
+    other_thread.join(15)
+    return outcomes
+
+
 @pytest.mark.postgres
 def test_l8_two_concurrent_renewals_consume_one_coupon_once(postgres_engine):
     factory = gdb.session_factory(postgres_engine)
     clock = FrozenClock(T0)
     with gdb.transaction(factory) as s:
         w = make_world(s)
-        partner_id = w.partner.id
         coupon_key = buy(s, clock, CONFIG, w.me, edition="BUS", seats=5, term_months=12).licenses[0].key
         lic = buy(s, clock, CONFIG, w.me, edition="BUS", seats=5, term_months=12).licenses[0]
         assign(s, clock, CONFIG, w.me, lic.key, w.ws_acme.id)
-        key, expiry = lic.key, lic.expires_at
-    me = system_principal(partner_id, "test:admin")
-    first_flushed, release_first = threading.Event(), threading.Event()
-    outcomes: dict[str, object] = {}
+        me, key, expiry = w.me, lic.key, lic.expires_at
 
-    def first() -> None:
-        try:
-            with gdb.transaction(factory) as s:
-                outcomes["first"] = renew_with_coupon(s, clock, CONFIG, me, key).coupon.key
-                first_flushed.set()
-                release_first.wait(10)
-        except Exception as exc:  # recorded and asserted below
-            outcomes["first"] = exc
-            first_flushed.set()
+    def renewing(s: Session) -> str:
+        return renew_with_coupon(s, clock, CONFIG, me, key).coupon.key
 
-    def second() -> None:
-        first_flushed.wait(10)
-        try:
-            with gdb.transaction(factory) as s:
-                outcomes["second"] = renew_with_coupon(s, clock, CONFIG, me, key).coupon.key
-        except Exception as exc:
-            outcomes["second"] = exc
-
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    for t in threads:
-        t.start()
-    threads[1].join(2)  # the second runs while the first still holds its transaction open
-    release_first.set()
-    for t in threads:
-        t.join(15)
+    outcomes = race(postgres_engine, renewing, renewing)
     assert outcomes["first"] == coupon_key
     assert isinstance(outcomes["second"], Conflict)
     with factory() as s:
@@ -398,6 +431,36 @@ def test_l8_two_concurrent_renewals_consume_one_coupon_once(postgres_engine):
         assert coupon.consumed_at is not None
         consumed = s.scalars(select(LicenseHistory).where(LicenseHistory.action == "consumed")).all()
         assert len(consumed) == 1
+
+
+@pytest.mark.postgres
+def test_l8_concurrent_renewals_of_two_licenses_each_take_a_different_coupon(postgres_engine):
+    # The coupon the first renewal holds is skipped (SKIP LOCKED), not waited on and lost as a Conflict.
+    factory = gdb.session_factory(postgres_engine)
+    clock = FrozenClock(T0)
+    with gdb.transaction(factory) as s:
+        w = make_world(s)
+        coupons = {buy(s, clock, CONFIG, w.me, edition="BUS", seats=5, term_months=12).licenses[0].key
+                   for _ in range(2)}
+        keys, expiries = [], []
+        for workspace in (w.ws_acme, w.ws_globex):
+            lic = buy(s, clock, CONFIG, w.me, edition="BUS", seats=5, term_months=12).licenses[0]
+            assign(s, clock, CONFIG, w.me, lic.key, workspace.id)
+            keys.append(lic.key)
+            expiries.append(lic.expires_at)
+        me = w.me
+
+    outcomes = race(
+        postgres_engine,
+        lambda s: renew_with_coupon(s, clock, CONFIG, me, keys[0]).coupon.key,
+        lambda s: renew_with_coupon(s, clock, CONFIG, me, keys[1]).coupon.key,
+    )
+    assert {outcomes["first"], outcomes["second"]} == coupons, outcomes
+    with factory() as s:
+        for key, expiry in zip(keys, expiries):
+            assert s.scalar(select(License.expires_at).where(License.key == key)) == add_months(expiry, 12)
+        consumed_at = list(s.scalars(select(License.consumed_at).where(License.key.in_(coupons))))
+        assert len(consumed_at) == 2 and all(consumed_at)
 
 
 def test_l9_renew_and_migrate_moves_license_and_workspace_to_the_new_edition(session, clock, w):
@@ -641,6 +704,51 @@ def test_l15_a_company_setting_overrides_the_user_setting(session, clock, w):
     with pytest.raises(DomainError) as info:
         set_company_settings(session, w.me, pool_mode=PoolMode.LIMITED)
     assert info.value.field == "pool_limit"
+
+
+
+def _active_assigned(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(License).where(License.workspace_id.is_not(None))) or 0
+
+
+def test_l15_concurrent_assignments_never_exceed_the_company_pool_limit(db_engine):
+    factory = gdb.session_factory(db_engine)
+    clock = FrozenClock(T0)
+    with gdb.transaction(factory) as s:
+        w = make_world(s)
+        set_company_settings(s, w.me, pool_mode=PoolMode.LIMITED, pool_limit=1)
+        first, second = one(s, clock, w), one(s, clock, w)
+        me, keys, workspaces = w.me, (first.key, second.key), (w.ws_acme.id, w.ws_globex.id)
+
+    outcomes = race(
+        db_engine,
+        lambda s: assign(s, clock, CONFIG, me, keys[0], workspaces[0]).key,
+        lambda s: assign(s, clock, CONFIG, me, keys[1], workspaces[1]).key,
+    )
+    assert outcomes["first"] == keys[0]
+    assert isinstance(outcomes["second"], Conflict) and outcomes["second"].code == "pool_limit", outcomes
+    with factory() as s:
+        assert _active_assigned(s) == 1
+
+
+def test_l15_concurrent_assignments_never_exceed_a_user_pool_limit(db_engine):
+    factory = gdb.session_factory(db_engine)
+    clock = FrozenClock(T0)
+    with gdb.transaction(factory) as s:
+        w = make_world(s)
+        set_user_allocation(s, w.me, w.admin.id, pool_mode=PoolMode.LIMITED, pool_limit=1)
+        first, second = one(s, clock, w), one(s, clock, w)
+        alice, keys, workspaces = principal_for_user(w.admin), (first.key, second.key), (w.ws_acme.id, w.ws_globex.id)
+
+    outcomes = race(
+        db_engine,
+        lambda s: assign(s, clock, CONFIG, alice, keys[0], workspaces[0]).key,
+        lambda s: assign(s, clock, CONFIG, alice, keys[1], workspaces[1]).key,
+    )
+    assert outcomes["first"] == keys[0]
+    assert isinstance(outcomes["second"], Conflict) and outcomes["second"].code == "pool_limit", outcomes
+    with factory() as s:
+        assert _active_assigned(s) == 1
 
 
 # --- L16 ----------------------------------------------------------------------------------------

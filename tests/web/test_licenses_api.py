@@ -18,7 +18,7 @@ from gateway.core.settings import LicensingSettings, Settings
 from gateway.plugins import get_plugin_manager
 from gateway.web.api import Routes
 from gateway.web.app import create_app
-from gateway.web.auth import create_token, create_user, hash_token
+from gateway.core.users import create_token, create_user, hash_token
 
 PRICES = {"BUS": Decimal("30"), "ENT": Decimal("50")}
 
