@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
+from typing import Any
 
 from sqlalchemy import select
 
@@ -12,6 +14,7 @@ from gateway.core import directory
 from gateway.core.db import transaction
 from gateway.core.models import Customer, ExternalMapping, MappingKind, Partner, Workspace
 from gateway.errors import DomainError
+from gateway.hookspecs import hookimpl
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -185,6 +188,24 @@ def _map_psa(args: argparse.Namespace) -> int:
     return 0
 
 
+class PullProgress:
+    """Prints devices seen per connection as pages arrive (a plugin on the gateway_devices_seen hook)."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.seen: dict[str, int] = {}
+
+    @hookimpl
+    def gateway_devices_seen(self, connection: str, devices: Any) -> None:
+        self.seen[connection] = self.seen.get(connection, 0) + len(devices)
+        line = "  ".join(f"{name}: {count:,} devices" for name, count in sorted(self.seen.items()))
+        if self.stream.isatty():
+            self.stream.write(f"\r{line}")
+        else:
+            self.stream.write(f"{line}\n")
+        self.stream.flush()
+
+
 def _sync(args: argparse.Namespace) -> int:
     from gateway.sync.devices import pull_all
 
@@ -192,6 +213,8 @@ def _sync(args: argparse.Namespace) -> int:
     if args.connection:
         for name in args.connection:
             gateway.settings.connection(name)
+    if not args.json:
+        gateway.plugins.pm.register(PullProgress(sys.stderr), name="cli-progress")
     results = asyncio.run(pull_all(gateway.settings, gateway.db, gateway.plugins, clock=gateway.clock,
                                    only=args.connection))
     rows = []
@@ -205,6 +228,8 @@ def _sync(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rows)
     else:
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
         print_table(rows, ["connection", "pages", "devices_new", "devices_updated", "devices_refused", "unmapped",
                            "retries", "throttled", "duration_seconds", "error"])
     return 1 if any("error" in row for row in rows) else 0
