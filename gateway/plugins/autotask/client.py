@@ -9,6 +9,7 @@ import structlog
 
 from gateway.adapters import AdapterContext, BillDocument, PsaCompany, PsaRecord, PushResult
 from gateway.core.settings import ConnectionSettings
+from gateway.plugins import psa_common as common
 from gateway.plugins.autotask import protocol as p
 from gateway.sync.http import Connector, HttpResponse, RateLimit, StaticAuth
 
@@ -78,18 +79,10 @@ class AutotaskAdapter:
         return companies
 
     async def push_bill(self, bill: BillDocument) -> PushResult:
-        if self.config.delivery == "contract_service":
-            result = await self._push_units(bill)
-        else:
-            result = await self._push_charges(bill)
-        log.info(
-            "psa.push",
-            connection=self.name,
-            key=bill.key,
-            delivery=self.config.delivery,
-            external_id=result.external_id,
-            created=result.created,
-        )
+        push = self._push_units if self.config.delivery == "contract_service" else self._push_charges
+        result = await push(bill)
+        log.info("psa.push", connection=self.name, key=bill.key, delivery=self.config.delivery,
+                 external_id=result.external_id, created=result.created)
         return result
 
     async def read_back(self, period_start: date, period_end: date) -> list[PsaRecord]:
@@ -107,7 +100,7 @@ class AutotaskAdapter:
     async def _push_charges(self, bill: BillDocument) -> PushResult:
         present = p.lines_present(await self._all(p.charges_for_key_request(bill)), bill)
         ids = {line: int(row["id"]) for line, row in present.items()}
-        if len(present) < len(p.priced_lines(bill)):
+        if len(present) < len(common.priced_lines(bill)):
             contracts = await self._all(p.contracts_request(bill, recurring_only=False))
             contract_id = int(p.pick_contract(contracts, bill, recurring_only=False)["id"])
             for line, request in p.missing_charge_requests(bill, contract_id, present, self.config):
@@ -127,28 +120,35 @@ class AutotaskAdapter:
     # -- recurring service units -----------------------------------------------------------
 
     async def _push_units(self, bill: BillDocument) -> PushResult:
-        """``created`` is True when this push adjusted the units, False when they already matched."""
+        """``created`` is True when this push adjusted the units, False when they already matched.
+
+        An existing service is marked before its units change, so that a second bill for
+        the cycle is refused even after a push that stopped in between; a service the
+        adjustment creates is marked right after it.
+        """
         contracts = await self._all(p.contracts_request(bill, recurring_only=True))
         contract_id = int(p.pick_contract(contracts, bill, recurring_only=True)["id"])
         service = await self._contract_service(contract_id)
         units = 0
         if service is not None:
-            p.refuse_going_back(
-                p.parse_marker(service.get("internalDescription")), bill, f"Autotask contract service {service['id']}"
-            )
+            p.refuse_overwrite(service, bill)
+            await self._mark(contract_id, service, bill)
             units, _ = p.current_units(await self._all(p.units_request(int(service["id"]), bill.period_start)))
         created = units != bill.device_count
         if created:
             await self._send(p.adjustment_request(contract_id, bill, units, self.config))
-            service = service or await self._contract_service(contract_id)
+            if service is None and (service := await self._contract_service(contract_id)) is not None:
+                await self._mark(contract_id, service, bill)
             if service is not None:
                 await self._correct_units(contract_id, int(service["id"]), bill)
         if service is None:  # nothing to adjust and no service yet: zero devices on a new service
             return PushResult(external_id="", created=False)
-        marker = p.parse_marker(service.get("internalDescription"))
-        if marker is None or marker.key != bill.key:
-            await self._send(p.mark_service_request(contract_id, int(service["id"]), bill))
         return PushResult(external_id=str(service["id"]), created=created)
+
+    async def _mark(self, contract_id: int, service: dict[str, Any], bill: BillDocument) -> None:
+        """Write the bill's marker into the service unless it is there already."""
+        if not p.bill_services([service], bill):
+            await self._send(p.mark_service_request(contract_id, int(service["id"]), bill))
 
     async def _correct_units(self, contract_id: int, service_id: int, bill: BillDocument) -> None:
         """Read the units back; a re-sent adjustment (lost answer) counted twice and is undone here."""
@@ -164,8 +164,8 @@ class AutotaskAdapter:
     async def _read_units(self, period_start: date, period_end: date) -> list[PsaRecord]:
         services = []
         for service in await self._all(p.marked_services_request()):
-            marker = p.parse_marker(service.get("internalDescription"))
-            if marker is not None and p.in_period(marker, period_start, period_end):
+            marker = common.marker_in_period(service.get("internalDescription"), period_start, period_end)
+            if marker is not None:
                 services.append((service, marker))
         companies = await self._companies_of_contracts([int(s["contractID"]) for s, _ in services])
         records = []

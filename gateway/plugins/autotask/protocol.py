@@ -19,11 +19,14 @@ the billing items that run turns into invoice lines (``options.delivery``):
     ``effectiveDate`` = cycle start). Adjustments are create-only and cannot be queried,
     so the push is made idempotent by the state itself: the current units for the cycle
     come from ``ContractServiceUnits``, and nothing is sent when they already match. The
-    marker goes into the contract service's ``internalDescription`` afterwards (it is
-    written again by a repeated push, so a crash in between heals). The unit price is
-    the bill total / device count (6 places). A contract service holds one marker, the
-    latest cycle's: read-back sees that cycle, and a late bill for an earlier cycle is
-    refused (a back-dated adjustment would change every later period's units too).
+    marker goes into the contract service's ``internalDescription`` *before* the units
+    change (after the adjustment when that creates the service; a repeated push writes
+    it again, so a crash in between heals). The unit price is the bill total / device
+    count (6 places). A contract service holds one marker, the
+    latest bill's: read-back sees that cycle. A second bill for that cycle (a customer
+    with two plans, or a plan and monthly billing) is refused rather than overwriting
+    it (such customers need ``"charge"`` delivery), and so is a late bill for an earlier
+    cycle (a back-dated adjustment would change every later period's units too).
 
 Every query is ``POST /{Entity}/query`` with a JSON filter, at most 500 records a page,
 followed through ``pageDetails.nextPageUrl``. ``"invoice"`` is refused with a
@@ -32,37 +35,26 @@ ConfigError that says why.
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
-from urllib.parse import quote, unquote
 
 from gateway.adapters import BillDocument, PsaCompany, PsaRecord
 from gateway.errors import ConfigError, PermanentError
+from gateway.plugins import psa_common as common
+from gateway.plugins.psa_common import Request
 
+VENDOR = "Autotask"
 MAX_RECORDS = 500
 PO_MAX = 50
 DELIVERIES = ("charge", "contract_service")
+OPTIONS = ("delivery", "billing_code_id", "service_id", "zone_url", "page_size")
+ZONE_URL_EXAMPLE = "https://webservices15.autotask.net/atservicesrest/"
 RECURRING_SERVICE = 7  # Contracts.contractType picklist value
 CHARGEABLE_TYPES = (1, 3, RECURRING_SERVICE)  # time & materials, fixed price, recurring service
 ACTIVE = 1  # Contracts.status picklist value
-MARKER_PREFIX = "gateway-bill"
-CENT = Decimal("0.01")
-UNIT_PRICE_STEP = Decimal("0.000001")
-
-
-@dataclass(frozen=True)
-class Request:
-    """One HTTP request; ``url`` is relative to the zone's ``…/v1.0`` unless absolute."""
-
-    method: str
-    url: str
-    params: Mapping[str, Any] | None = None
-    json: Any = None
 
 
 @dataclass(frozen=True)
@@ -77,26 +69,17 @@ class Config:
 
     @classmethod
     def from_options(cls, connection: str, options: Mapping[str, Any]) -> "Config":
-        known = {"delivery", "billing_code_id", "service_id", "zone_url", "page_size"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                f"connection {connection!r}: unknown option(s) {', '.join(unknown)} for Autotask "
-                f"(known: {', '.join(sorted(known))})"
-            )
-        delivery = str(options.get("delivery", "charge"))
-        if delivery == "invoice":
+        """Every bad option is a ConfigError naming the connection, the option and what it takes."""
+        common.refuse_unknown(connection, VENDOR, options, OPTIONS)
+        if options.get("delivery") == "invoice":
             raise ConfigError(
                 f"connection {connection!r}: Autotask does not let integrations create invoices over REST "
                 '(the Invoices entity is query/update only); use options.delivery = "charge" (contract charges '
                 'that Autotask invoices) or "contract_service" (units of a recurring service)'
             )
-        if delivery not in DELIVERIES:
-            raise ConfigError(
-                f"connection {connection!r}: options.delivery must be one of {', '.join(DELIVERIES)}, got {delivery!r}"
-            )
-        billing_code_id = _optional_int(connection, options, "billing_code_id")
-        service_id = _optional_int(connection, options, "service_id")
+        delivery = common.choice_option(connection, options, "delivery", DELIVERIES, "charge")
+        billing_code_id = common.int_option(connection, options, "billing_code_id", None)
+        service_id = common.int_option(connection, options, "service_id", None)
         if delivery == "charge" and billing_code_id is None:
             raise ConfigError(
                 f"connection {connection!r}: charge delivery needs options.billing_code_id, the id of the "
@@ -107,20 +90,9 @@ class Config:
                 f"connection {connection!r}: contract_service delivery needs options.service_id, the id of the "
                 "Autotask service whose units carry the device count"
             )
-        page_size = int(options.get("page_size", MAX_RECORDS))
-        if not 1 <= page_size <= MAX_RECORDS:
-            raise ConfigError(f"connection {connection!r}: options.page_size must be 1..{MAX_RECORDS}")
-        zone = str(options["zone_url"]) if options.get("zone_url") else None
+        page_size = common.int_option(connection, options, "page_size", MAX_RECORDS, 1, MAX_RECORDS)
+        zone = common.url_option(connection, options, "zone_url", ZONE_URL_EXAMPLE)
         return cls(delivery, billing_code_id, service_id, zone, page_size)
-
-
-def _optional_int(connection: str, options: Mapping[str, Any], name: str) -> int | None:
-    if options.get(name) in (None, ""):
-        return None
-    try:
-        return int(options[name])
-    except (TypeError, ValueError):
-        raise ConfigError(f"connection {connection!r}: options.{name} must be an integer id") from None
 
 
 # --- zone and auth ---------------------------------------------------------------------
@@ -178,107 +150,11 @@ def created_item_id(body: Any, entity: str) -> int:
 
 
 def company_id(bill: BillDocument) -> int:
-    try:
-        return int(bill.company_external_id)
-    except ValueError:
-        raise PermanentError(
-            f"bill {bill.number} is addressed to company {bill.company_external_id!r}, which is not an Autotask "
-            "company id (an integer); fix the customer's PSA mapping"
-        ) from None
-
-
-# --- the marker ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Marker:
-    """What the gateway writes into the PSA object so it can recognise it later."""
-
-    key: str
-    period_start: date
-    period_end: date
-    devices: int
-    line: int = 0
-
-    def render(self) -> str:
-        text = (
-            f"{MARKER_PREFIX} key={quote(self.key, safe=':-_./@')} "
-            f"period={self.period_start.isoformat()}/{self.period_end.isoformat()} devices={self.devices}"
-        )
-        return f"{text} line={self.line}" if self.line else text
-
-
-_MARKER = re.compile(
-    rf"{MARKER_PREFIX} key=(?P<key>\S+) period=(?P<start>\d{{4}}-\d{{2}}-\d{{2}})/(?P<end>\d{{4}}-\d{{2}}-\d{{2}}) "
-    r"devices=(?P<devices>\d+)(?: line=(?P<line>\d+))?"
-)
-
-
-def marker_for(bill: BillDocument, line: int = 0) -> Marker:
-    return Marker(bill.key, bill.period_start, bill.period_end, bill.device_count, line)
-
-
-def parse_marker(text: Any) -> Marker | None:
-    if not isinstance(text, str):
-        return None
-    match = _MARKER.search(text)
-    if match is None:
-        return None
-    return Marker(
-        unquote(match["key"]),
-        date.fromisoformat(match["start"]),
-        date.fromisoformat(match["end"]),
-        int(match["devices"]),
-        int(match["line"] or 0),
-    )
-
-
-def reference_for(key: str) -> str:
-    """The key itself if it fits a purchase-order field (50), else a stable digest of it."""
-    if len(key) <= PO_MAX:
-        return key
-    return "gw-" + hashlib.sha256(key.encode()).hexdigest()[: PO_MAX - 3]
-
-
-def in_period(marker: Marker, period_start: date, period_end: date) -> bool:
-    return period_start <= marker.period_start and marker.period_end <= period_end
-
-
-# --- money -------------------------------------------------------------------------------------
-
-
-def priced_lines(bill: BillDocument) -> list[tuple[str, Decimal, Decimal]]:
-    """(description, quantity, unit price) per bill line, so that units × price is the line amount.
-
-    A line whose amount is not quantity × unit price (a prorated part, S7) is sent as one
-    unit at its amount, with the original figures in the name.
-    """
-    lines = []
-    for line in bill.lines:
-        if (line.quantity * line.unit_price).quantize(CENT, ROUND_HALF_UP) == line.amount.quantize(CENT, ROUND_HALF_UP):
-            lines.append((line.description, line.quantity, line.unit_price))
-        else:
-            lines.append((f"{line.description} ({line.quantity} × {line.unit_price}, prorated)", Decimal(1), line.amount))
-    if not lines and bill.total:
-        lines.append((f"{bill.customer_name} {bill.period_start}–{bill.period_end}", Decimal(1), bill.total))
-    return lines
-
-
-def unit_price_for(bill: BillDocument) -> Decimal:
-    if bill.device_count <= 0:
-        return Decimal(0)
-    return (bill.total / bill.device_count).quantize(UNIT_PRICE_STEP, ROUND_HALF_UP)
+    return common.company_id(bill, VENDOR)
 
 
 def number(value: Any, what: str) -> Decimal:
-    try:
-        return Decimal(str(value if value is not None else 0))
-    except InvalidOperation:
-        raise PermanentError(f"Autotask answered a {what} that is not a number: {value!r}") from None
-
-
-def _num(value: Decimal) -> float | int:
-    return int(value) if value == value.to_integral_value() else float(value)
+    return common.number(value, what, VENDOR)
 
 
 def _day(value: date) -> str:
@@ -316,14 +192,14 @@ def pick_contract(rows: Sequence[Mapping[str, Any]], bill: BillDocument, *, recu
 
 
 def charges_for_key_request(bill: BillDocument) -> Request:
-    return query_request("ContractCharges", [eq("internalPurchaseOrderNumber", reference_for(bill.key))])
+    return query_request("ContractCharges", [eq("internalPurchaseOrderNumber", common.reference_for(bill.key))])
 
 
 def charges_by_line(rows: Sequence[Mapping[str, Any]], bill: BillDocument) -> dict[int, list[Mapping[str, Any]]]:
     """The bill's charges grouped by line number, oldest (lowest id) first in each group."""
     groups: dict[int, list[Mapping[str, Any]]] = {}
     for row in sorted(rows, key=lambda r: int(r["id"])):
-        marker = parse_marker(row.get("description"))
+        marker = common.parse_marker(row.get("description"))
         if marker is not None and marker.key == bill.key:
             groups.setdefault(marker.line, []).append(row)
     return groups
@@ -337,12 +213,7 @@ def lines_present(rows: Sequence[Mapping[str, Any]], bill: BillDocument) -> dict
     """
     present = {}
     for line, group in charges_by_line(rows, bill).items():
-        if len(group) > 1:
-            ids = ", ".join(str(row["id"]) for row in group)
-            raise PermanentError(
-                f"Autotask holds {len(group)} contract charges for line {line} of bill {bill.number} (key {bill.key}): "
-                f"ids {ids}; delete all but one in Autotask, then retry the delivery"
-            )
+        common.refuse_duplicates(group, bill, "contract charges", VENDOR, part=f"line {line} of ")
         present[line] = group[0]
     return present
 
@@ -361,7 +232,7 @@ def missing_charge_requests(
 ) -> list[tuple[int, Request]]:
     """(line number, create request) for each bill line not yet in Autotask."""
     requests = []
-    for line, (description, quantity, price) in enumerate(priced_lines(bill), start=1):
+    for line, (description, quantity, price) in enumerate(common.priced_lines(bill), start=1):
         if line in present:
             continue
         requests.append((
@@ -372,14 +243,14 @@ def missing_charge_requests(
                 json={
                     "contractID": contract_id,
                     "name": description[:100],
-                    "description": f"{description}\n{marker_for(bill, line).render()}",
-                    "unitQuantity": _num(quantity),
-                    "unitPrice": _num(price),
+                    "description": f"{description}\n{common.marker_for(bill, line).render()}",
+                    "unitQuantity": common.json_number(quantity),
+                    "unitPrice": common.json_number(price),
                     "unitCost": 0,
                     "datePurchased": _day(bill.issued_on),
                     "billingCodeID": config.billing_code_id,
                     "isBillableToCompany": True,
-                    "internalPurchaseOrderNumber": reference_for(bill.key),
+                    "internalPurchaseOrderNumber": common.reference_for(bill.key),
                     "purchaseOrderNumber": bill.number[:PO_MAX],
                 },
             ),
@@ -392,7 +263,7 @@ def gateway_charges_request(period_start: date) -> Request:
     return query_request(
         "ContractCharges",
         [
-            {"op": "contains", "field": "description", "value": MARKER_PREFIX},
+            {"op": "contains", "field": "description", "value": common.MARKER_PREFIX},
             {"op": "gte", "field": "datePurchased", "value": _day(period_start)},
         ],
     )
@@ -402,25 +273,17 @@ def charge_records(
     rows: Sequence[Mapping[str, Any]], company_of_contract: Mapping[int, int], period_start: date, period_end: date
 ) -> list[PsaRecord]:
     """One record per bill key: the sum of all its charges' ``billableAmount``, duplicates included (G3 shows them)."""
-    grouped: dict[str, list[tuple[Marker, Mapping[str, Any]]]] = {}
+    grouped: dict[str, list[tuple[common.Marker, Mapping[str, Any]]]] = {}
     for row in rows:
-        marker = parse_marker(row.get("description"))
-        if marker is not None and in_period(marker, period_start, period_end):
+        if (marker := common.marker_in_period(row.get("description"), period_start, period_end)) is not None:
             grouped.setdefault(marker.key, []).append((marker, row))
     records = []
     for key, items in grouped.items():
         items.sort(key=lambda item: (item[0].line, int(item[1]["id"])))
         marker, first = items[0]
         amount = sum((number(row.get("billableAmount"), "charge billableAmount") for _, row in items), Decimal(0))
-        records.append(
-            PsaRecord(
-                key=key,
-                company_external_id=str(company_of_contract.get(int(first.get("contractID") or 0), "")),
-                external_id=str(first["id"]),
-                quantity=Decimal(marker.devices),
-                amount=amount.quantize(CENT, ROUND_HALF_UP),
-            )
-        )
+        company = company_of_contract.get(int(first.get("contractID") or 0))
+        records.append(common.bill_record(marker, company, first["id"], amount))
     return records
 
 
@@ -450,17 +313,17 @@ def current_units(rows: Sequence[Mapping[str, Any]]) -> tuple[int, Decimal]:
     return int(number(row.get("units"), "units")), number(row.get("price"), "unit price")
 
 
-def refuse_going_back(marker: Marker | None, bill: BillDocument, where: str) -> None:
-    """Units hold one cycle at a time; a late bill for an earlier cycle must not rewrite a later one.
+def refuse_overwrite(service: Mapping[str, Any], bill: BillDocument) -> None:
+    """Units hold one bill: not a second one for their cycle, nor one for an earlier cycle.
 
     (An adjustment dated in the past changes every later period too.)
     """
-    if marker is not None and marker.key != bill.key and marker.period_start > bill.period_start:
-        raise PermanentError(
-            f"{where} already carries the cycle from {marker.period_start} (bill key {marker.key}); bill "
-            f"{bill.number} for {bill.period_start} is earlier and would change the later cycle's units too; "
-            'deliver it with options.delivery = "charge" or enter it by hand'
-        )
+    common.refuse_overwrite(
+        common.parse_marker(service.get("internalDescription")),
+        bill,
+        f"Autotask contract service {service['id']}",
+        'options.delivery = "charge" (contract charges per bill)',
+    )
 
 
 def adjustment_request(contract_id: int, bill: BillDocument, current: int, config: Config) -> Request:
@@ -472,7 +335,7 @@ def adjustment_request(contract_id: int, bill: BillDocument, current: int, confi
             "serviceID": config.service_id,
             "effectiveDate": _day(bill.period_start),
             "unitChange": bill.device_count - current,
-            "adjustedUnitPrice": _num(unit_price_for(bill)),
+            "adjustedUnitPrice": common.json_number(common.unit_price_for(bill)),
         },
     )
 
@@ -481,22 +344,22 @@ def mark_service_request(contract_id: int, contract_service_id: int, bill: BillD
     return Request(
         "PATCH",
         f"Contracts/{contract_id}/Services",
-        json={"id": contract_service_id, "internalDescription": marker_for(bill).render()},
+        json={"id": contract_service_id, "internalDescription": common.marker_for(bill).render()},
     )
+
+
+def bill_services(rows: Sequence[Mapping[str, Any]], bill: BillDocument) -> list[Mapping[str, Any]]:
+    """The contract services whose marker carries the bill's key, oldest first."""
+    return common.matching(rows, "internalDescription", bill.key)
 
 
 def marked_services_request() -> Request:
-    return query_request("ContractServices", [{"op": "contains", "field": "internalDescription", "value": MARKER_PREFIX}])
+    marked = {"op": "contains", "field": "internalDescription", "value": common.MARKER_PREFIX}
+    return query_request("ContractServices", [marked])
 
 
 def service_record(service: Mapping[str, Any], units: int, price: Decimal, company: int | None) -> PsaRecord | None:
-    marker = parse_marker(service.get("internalDescription"))
+    marker = common.parse_marker(service.get("internalDescription"))
     if marker is None:
         return None
-    return PsaRecord(
-        key=marker.key,
-        company_external_id=str(company or ""),
-        external_id=str(service["id"]),
-        quantity=Decimal(units),
-        amount=(units * price).quantize(CENT, ROUND_HALF_UP),
-    )
+    return common.bill_record(marker, company, service["id"], units * price, Decimal(units))

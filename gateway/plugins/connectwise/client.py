@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date
 from typing import Any
 
@@ -79,18 +80,10 @@ class ConnectWiseAdapter:
         return companies
 
     async def push_bill(self, bill: BillDocument) -> PushResult:
-        if self.config.delivery == "addition":
-            result = await self._push_addition(bill)
-        else:
-            result = await self._push_invoice(bill)
-        log.info(
-            "psa.push",
-            connection=self.name,
-            key=bill.key,
-            delivery=self.config.delivery,
-            external_id=result.external_id,
-            created=result.created,
-        )
+        push = self._push_addition if self.config.delivery == "addition" else self._push_invoice
+        result = await push(bill)
+        log.info("psa.push", connection=self.name, key=bill.key, delivery=self.config.delivery,
+                 external_id=result.external_id, created=result.created)
         return result
 
     async def read_back(self, period_start: date, period_end: date) -> list[PsaRecord]:
@@ -122,24 +115,26 @@ class ConnectWiseAdapter:
         return PushResult(external_id=str(invoice_id), created=created)
 
     async def _invoices_for(self, bill: BillDocument) -> list[Any]:
-        return p.matching(await self._all(p.find_invoice_request(bill), "invoice"), "internalNotes", bill.key)
+        return p.bill_invoices(await self._all(p.find_invoice_request(bill), "invoice"), bill)
 
     async def _keep_one_invoice(self, bill: BillDocument, created_id: int) -> int:
         """After our create: if a re-sent request made a second invoice, delete it and keep the first."""
         found = await self._invoices_for(bill)
-        for copy in p.extras(found, lambda row: bill.key):
-            log.warning("psa.duplicate_removed", connection=self.name, key=bill.key, external_id=copy["id"])
-            await self._send(p.delete_invoice_request(int(copy["id"])))
+        await self._delete(found[1:], p.delete_invoice_request, key=bill.key)
         return int(found[0]["id"]) if found else created_id
 
     async def _lines(self, invoice_id: int) -> list[dict[str, Any]]:
         """The invoice's product lines, without copies a re-sent line create left."""
         rows = await self._all(p.invoice_products_request(invoice_id), "product")
         copies = p.extras(rows, lambda row: row.get("sequenceNumber"))
-        for copy in copies:
-            log.warning("psa.duplicate_removed", connection=self.name, invoice=invoice_id, external_id=copy["id"])
-            await self._send(p.delete_product_request(int(copy["id"])))
+        await self._delete(copies, p.delete_product_request, invoice=invoice_id)
         return [row for row in rows if row not in copies]
+
+    async def _delete(self, copies: list[Any], delete: Callable[[int], p.Request], **where: Any) -> None:
+        """Delete the copies a re-sent create (lost answer) left behind; the oldest of each stays."""
+        for copy in copies:
+            log.warning("psa.duplicate_removed", connection=self.name, external_id=copy["id"], **where)
+            await self._send(delete(int(copy["id"])))
 
     # -- agreement additions -------------------------------------------------------------
 
@@ -149,24 +144,17 @@ class ConnectWiseAdapter:
         agreement_id = int(p.pick_agreement(agreements, bill, self.config)["id"])
         addition = p.pick_addition(await self._all(p.additions_request(agreement_id, self.config), "addition"))
         if addition is not None:
-            marker = p.parse_marker(addition.get("invoiceDescription"))
-            if marker is not None and marker.key == bill.key:
+            if p.bill_additions([addition], bill):
                 return PushResult(external_id=str(addition["id"]), created=False)
-            p.refuse_going_back(marker, bill, f"ConnectWise agreement addition {addition['id']}")
+            p.refuse_overwrite(addition, bill)
             await self._send(p.update_addition_request(agreement_id, int(addition["id"]), bill))
             return PushResult(external_id=str(addition["id"]), created=True)
         response = await self._send(p.create_addition_request(agreement_id, bill, self.config))
         created_id = p.created_id(response.json(), "addition")
         # A re-sent create may have made two; keep the first, as for invoices.
-        ours = [
-            row for row in await self._all(p.additions_request(agreement_id, self.config), "addition")
-            if (m := p.parse_marker(row.get("invoiceDescription"))) is not None and m.key == bill.key
-        ]
-        for copy in p.extras(ours, lambda row: bill.key):
-            log.warning("psa.duplicate_removed", connection=self.name, key=bill.key, external_id=copy["id"])
-            await self._send(p.delete_addition_request(agreement_id, int(copy["id"])))
-        kept = min((int(row["id"]) for row in ours), default=created_id)
-        return PushResult(external_id=str(kept), created=True)
+        ours = p.bill_additions(await self._all(p.additions_request(agreement_id, self.config), "addition"), bill)
+        await self._delete(ours[1:], lambda copy_id: p.delete_addition_request(agreement_id, copy_id), key=bill.key)
+        return PushResult(external_id=str(ours[0]["id"] if ours else created_id), created=True)
 
     async def _read_additions(self, period_start: date, period_end: date) -> list[PsaRecord]:
         records = []

@@ -20,9 +20,11 @@ How a bill reaches ConnectWise (``options.delivery``):
     marker in the addition's ``invoiceDescription`` — one request, so the quantity
     and the marker never disagree. The addition's unit price is the bill total
     divided by the device count (6 decimal places), so quantity × price equals the
-    total to the cent for any realistic device count. An addition holds one cycle at a
-    time: read-back sees the latest cycle only, and a late bill for a cycle *before* the
-    one the addition holds is refused rather than rolling the quantity back.
+    total to the cent for any realistic device count. An addition holds one bill at a
+    time: read-back sees the latest cycle only. A second bill for the cycle the addition
+    holds (a customer with two plans, or a plan and monthly billing) and a late bill for
+    an earlier cycle are refused rather than overwriting it; such customers need
+    ``"invoice"`` delivery.
 
 The marker (``gateway-bill key=… period=…/… devices=N``) is what makes a push
 idempotent (G2) and what read-back (G3) parses to know which bill and cycle an
@@ -32,36 +34,25 @@ object belongs to.
 from __future__ import annotations
 
 import base64
-import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from gateway.adapters import BillDocument, PsaCompany, PsaRecord
-from gateway.errors import ConfigError, PermanentError
+from gateway.errors import PermanentError
+from gateway.plugins import psa_common as common
+from gateway.plugins.psa_common import Request
 
+VENDOR = "ConnectWise"
 API_PATH = "apis/3.0"
 MAX_PAGE_SIZE = 1000
-REFERENCE_MAX = 50
 CUSTOMER_PO_MAX = 50
 DELIVERIES = ("invoice", "addition")
-MARKER_PREFIX = "gateway-bill"
-CENT = Decimal("0.01")
-UNIT_PRICE_STEP = Decimal("0.000001")
-
-
-@dataclass(frozen=True)
-class Request:
-    """One HTTP request to send; ``url`` is relative to the API base unless absolute."""
-
-    method: str
-    url: str
-    params: Mapping[str, Any] | None = None
-    json: Any = None
+OPTIONS = ("delivery", "catalog_item", "agreement_type", "invoice_type", "codebase", "page_size")
 
 
 @dataclass(frozen=True)
@@ -77,28 +68,15 @@ class Config:
 
     @classmethod
     def from_options(cls, connection: str, options: Mapping[str, Any]) -> "Config":
-        known = {"delivery", "catalog_item", "agreement_type", "invoice_type", "codebase", "page_size"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                f"connection {connection!r}: unknown option(s) {', '.join(unknown)} for ConnectWise "
-                f"(known: {', '.join(sorted(known))})"
-            )
-        delivery = str(options.get("delivery", "invoice"))
-        if delivery not in DELIVERIES:
-            raise ConfigError(
-                f"connection {connection!r}: options.delivery must be one of {', '.join(DELIVERIES)}, got {delivery!r}"
-            )
-        page_size = int(options.get("page_size", MAX_PAGE_SIZE))
-        if not 1 <= page_size <= MAX_PAGE_SIZE:
-            raise ConfigError(f"connection {connection!r}: options.page_size must be 1..{MAX_PAGE_SIZE}")
+        """Every bad option is a ConfigError naming the connection, the option and what it takes."""
+        common.refuse_unknown(connection, VENDOR, options, OPTIONS)
         return cls(
-            delivery=delivery,
-            catalog_item=str(options.get("catalog_item", "MSP-DEVICE")),
-            agreement_type=str(options["agreement_type"]) if options.get("agreement_type") else None,
-            invoice_type=str(options.get("invoice_type", "Standard")),
-            codebase=str(options["codebase"]) if options.get("codebase") else None,
-            page_size=page_size,
+            delivery=common.choice_option(connection, options, "delivery", DELIVERIES, "invoice"),
+            catalog_item=common.text_option(connection, options, "catalog_item", "MSP-DEVICE", example="MSP-DEVICE"),
+            agreement_type=common.text_option(connection, options, "agreement_type", example="Managed Services"),
+            invoice_type=common.text_option(connection, options, "invoice_type", "Standard", example="Standard"),
+            codebase=common.text_option(connection, options, "codebase", example="v4_6_release/"),
+            page_size=common.int_option(connection, options, "page_size", MAX_PAGE_SIZE, 1, MAX_PAGE_SIZE),
         )
 
 
@@ -173,100 +151,6 @@ def companies_request(page_size: int = MAX_PAGE_SIZE) -> Request:
     return list_request("company/companies", conditions="deletedFlag = false", page_size=page_size)
 
 
-# --- the marker ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Marker:
-    """What the gateway writes into the PSA object so it can recognise it later."""
-
-    key: str
-    period_start: date
-    period_end: date
-    devices: int
-
-    def render(self) -> str:
-        return (
-            f"{MARKER_PREFIX} key={quote(self.key, safe=':-_./@')} "
-            f"period={self.period_start.isoformat()}/{self.period_end.isoformat()} devices={self.devices}"
-        )
-
-
-_MARKER = re.compile(
-    rf"{MARKER_PREFIX} key=(?P<key>\S+) period=(?P<start>\d{{4}}-\d{{2}}-\d{{2}})/(?P<end>\d{{4}}-\d{{2}}-\d{{2}}) "
-    r"devices=(?P<devices>\d+)"
-)
-
-
-def marker_for(bill: BillDocument) -> Marker:
-    return Marker(bill.key, bill.period_start, bill.period_end, bill.device_count)
-
-
-def parse_marker(text: Any) -> Marker | None:
-    """The marker in a free-text field, or None if the object was not written by the gateway."""
-    if not isinstance(text, str):
-        return None
-    match = _MARKER.search(text)
-    if match is None:
-        return None
-    return Marker(
-        unquote(match["key"]),
-        date.fromisoformat(match["start"]),
-        date.fromisoformat(match["end"]),
-        int(match["devices"]),
-    )
-
-
-def reference_for(key: str) -> str:
-    """The key itself if it fits ``reference`` (50), else a stable digest of it."""
-    if len(key) <= REFERENCE_MAX:
-        return key
-    return "gw-" + hashlib.sha256(key.encode()).hexdigest()[: REFERENCE_MAX - 3]
-
-
-def in_period(marker: Marker, period_start: date, period_end: date) -> bool:
-    return period_start <= marker.period_start and marker.period_end <= period_end
-
-
-# --- money --------------------------------------------------------------------------------
-
-
-def priced_lines(bill: BillDocument) -> list[tuple[str, Decimal, Decimal]]:
-    """(description, quantity, unit price) per bill line, so that the PSA's quantity × price is the line amount.
-
-    A line whose amount is not quantity × unit price (a prorated part, S7) is sent as
-    one unit at its amount, with the original figures in the description.
-    """
-    lines = []
-    for line in bill.lines:
-        if (line.quantity * line.unit_price).quantize(CENT, ROUND_HALF_UP) == line.amount.quantize(CENT, ROUND_HALF_UP):
-            lines.append((line.description, line.quantity, line.unit_price))
-        else:
-            lines.append((f"{line.description} ({line.quantity} × {line.unit_price}, prorated)", Decimal(1), line.amount))
-    if not lines and bill.total:
-        lines.append((f"{bill.customer_name} {bill.period_start}–{bill.period_end}", Decimal(1), bill.total))
-    return lines
-
-
-def unit_price_for(bill: BillDocument) -> Decimal:
-    """Total / device count at 6 places: the unit price of a quantity-only delivery."""
-    if bill.device_count <= 0:
-        return Decimal(0)
-    return (bill.total / bill.device_count).quantize(UNIT_PRICE_STEP, ROUND_HALF_UP)
-
-
-def money(value: Any, what: str) -> Decimal:
-    try:
-        return Decimal(str(value if value is not None else 0))
-    except InvalidOperation:
-        raise PermanentError(f"ConnectWise answered a {what} that is not a number: {value!r}") from None
-
-
-def _num(value: Decimal) -> float | int:
-    # ConnectWise's JSON numbers are doubles; integral values go out as integers.
-    return int(value) if value == value.to_integral_value() else float(value)
-
-
 def _day(value: date) -> str:
     return f"{value.isoformat()}T00:00:00Z"
 
@@ -275,40 +159,27 @@ def _day(value: date) -> str:
 
 
 def company_id(bill: BillDocument) -> int:
-    """The PSA company id of a bill; ConnectWise ids are integers."""
-    try:
-        return int(bill.company_external_id)
-    except ValueError:
-        raise PermanentError(
-            f"bill {bill.number} is addressed to company {bill.company_external_id!r}, which is not a ConnectWise "
-            "company id (an integer); fix the customer's PSA mapping"
-        ) from None
+    return common.company_id(bill, VENDOR)
+
+
+def money(value: Any, what: str) -> Decimal:
+    return common.number(value, what, VENDOR)
 
 
 def find_invoice_request(bill: BillDocument) -> Request:
     return list_request(
         "finance/invoices",
-        conditions=f"reference = {quoted(reference_for(bill.key))} and company/id = {company_id(bill)}",
+        conditions=f"reference = {quoted(common.reference_for(bill.key))} and company/id = {company_id(bill)}",
     )
 
 
-def matching(rows: Sequence[Mapping[str, Any]], field: str, key: str) -> list[Mapping[str, Any]]:
-    """Rows whose marker in ``field`` carries ``key``, oldest (lowest id) first."""
-    found = [row for row in rows if (m := parse_marker(row.get(field))) is not None and m.key == key]
-    return sorted(found, key=lambda row: int(row["id"]))
+def bill_invoices(rows: Sequence[Mapping[str, Any]], bill: BillDocument) -> list[Mapping[str, Any]]:
+    """The invoices whose marker carries the bill's key, oldest first."""
+    return common.matching(rows, "internalNotes", bill.key)
 
 
 def refuse_duplicates(found: Sequence[Mapping[str, Any]], bill: BillDocument, what: str) -> None:
-    """Two objects for one bill key bill the customer twice: a person must delete one, the gateway won't guess.
-
-    This only happens when a create was accepted but its answer lost, and the request re-sent.
-    """
-    if len(found) > 1:
-        ids = ", ".join(str(row["id"]) for row in found)
-        raise PermanentError(
-            f"ConnectWise holds {len(found)} {what} for bill {bill.number} (key {bill.key}): ids {ids}; "
-            "delete all but one in ConnectWise, then retry the delivery"
-        )
+    common.refuse_duplicates(found, bill, what, VENDOR)
 
 
 def extras(rows: Sequence[Mapping[str, Any]], group: Callable[[Mapping[str, Any]], Any]) -> list[Mapping[str, Any]]:
@@ -335,11 +206,11 @@ def create_invoice_request(bill: BillDocument, config: Config) -> Request:
             "type": config.invoice_type,
             "company": {"id": company_id(bill)},
             "applyToType": "All",
-            "reference": reference_for(bill.key),
+            "reference": common.reference_for(bill.key),
             "customerPO": bill.number[:CUSTOMER_PO_MAX],
             "date": _day(bill.issued_on),
             "dueDate": _day(bill.due_on),
-            "internalNotes": marker_for(bill).render(),
+            "internalNotes": common.marker_for(bill).render(),
         },
     )
 
@@ -354,7 +225,7 @@ def missing_product_requests(
     """Product lines still to add to the invoice (all of them, or the rest after an interrupted push)."""
     have = {int(row.get("sequenceNumber") or 0) for row in existing}
     requests = []
-    for number, (description, quantity, price) in enumerate(priced_lines(bill), start=1):
+    for number, (description, quantity, price) in enumerate(common.priced_lines(bill), start=1):
         if number in have:
             continue
         requests.append(
@@ -365,8 +236,8 @@ def missing_product_requests(
                     "catalogItem": {"identifier": config.catalog_item},
                     "billableOption": "Billable",
                     "description": description[:2000],
-                    "quantity": _num(quantity),
-                    "price": _num(price),
+                    "quantity": common.json_number(quantity),
+                    "price": common.json_number(price),
                     "sequenceNumber": number,
                     "company": {"id": company_id(bill)},
                     "invoice": {"id": invoice_id},
@@ -388,7 +259,7 @@ def invoices_in_period_request(period_start: date) -> Request:
     # An invoice is issued on or after its cycle starts, so the date bound only trims.
     return list_request(
         "finance/invoices",
-        conditions=f'internalNotes like "{MARKER_PREFIX}%" and date >= [{_day(period_start)}]',
+        conditions=f'internalNotes like "{common.MARKER_PREFIX}%" and date >= [{_day(period_start)}]',
     )
 
 
@@ -398,17 +269,11 @@ def invoice_records(rows: Sequence[Mapping[str, Any]], period_start: date, perio
 
 
 def invoice_record(row: Mapping[str, Any], period_start: date = date.min, period_end: date = date.max) -> PsaRecord | None:
-    marker = parse_marker(row.get("internalNotes"))
-    if marker is None or not in_period(marker, period_start, period_end):
+    marker = common.marker_in_period(row.get("internalNotes"), period_start, period_end)
+    if marker is None:
         return None
-    company = row.get("company") or {}
-    return PsaRecord(
-        key=marker.key,
-        company_external_id=str(company.get("id", "")),
-        external_id=str(row["id"]),
-        quantity=Decimal(marker.devices),
-        amount=money(row.get("total"), "invoice total").quantize(CENT, ROUND_HALF_UP),
-    )
+    company = (row.get("company") or {}).get("id")
+    return common.bill_record(marker, company, row["id"], money(row.get("total"), "invoice total"))
 
 
 # --- addition delivery --------------------------------------------------------------------
@@ -446,8 +311,13 @@ def additions_request(agreement_id: int, config: Config) -> Request:
 def gateway_additions_request(agreement_id: int) -> Request:
     return list_request(
         f"finance/agreements/{agreement_id}/additions",
-        conditions=f'invoiceDescription like "%{MARKER_PREFIX}%"',
+        conditions=f'invoiceDescription like "%{common.MARKER_PREFIX}%"',
     )
+
+
+def bill_additions(rows: Sequence[Mapping[str, Any]], bill: BillDocument) -> list[Mapping[str, Any]]:
+    """The additions whose marker carries the bill's key, oldest first."""
+    return common.matching(rows, "invoiceDescription", bill.key)
 
 
 def pick_addition(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -455,18 +325,19 @@ def pick_addition(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None
     return min(live, key=lambda row: int(row["id"])) if live else None
 
 
-def refuse_going_back(marker: Marker | None, bill: BillDocument, where: str) -> None:
-    """A quantity holds one cycle; a late bill for an earlier cycle must not overwrite a later one."""
-    if marker is not None and marker.key != bill.key and marker.period_start > bill.period_start:
-        raise PermanentError(
-            f"{where} already carries the cycle from {marker.period_start} (bill key {marker.key}); bill "
-            f"{bill.number} for {bill.period_start} is earlier and cannot be applied to a quantity after the fact; "
-            'deliver it with options.delivery = "invoice" or enter it by hand'
-        )
+def refuse_overwrite(addition: Mapping[str, Any], bill: BillDocument) -> None:
+    """An addition holds one bill: not a second one for its cycle, nor one for an earlier cycle."""
+    common.refuse_overwrite(
+        common.parse_marker(addition.get("invoiceDescription")),
+        bill,
+        f"ConnectWise agreement addition {addition['id']}",
+        'options.delivery = "invoice" (one invoice per bill)',
+    )
 
 
 def _addition_text(bill: BillDocument) -> str:
-    return f"Managed devices {bill.period_start.isoformat()} to {bill.period_end.isoformat()}\n{marker_for(bill).render()}"
+    marker = common.marker_for(bill).render()
+    return f"Managed devices {bill.period_start.isoformat()} to {bill.period_end.isoformat()}\n{marker}"
 
 
 def create_addition_request(agreement_id: int, bill: BillDocument, config: Config) -> Request:
@@ -477,7 +348,7 @@ def create_addition_request(agreement_id: int, bill: BillDocument, config: Confi
             "product": {"identifier": config.catalog_item},
             "billCustomer": "Billable",
             "quantity": bill.device_count,
-            "unitPrice": _num(unit_price_for(bill)),
+            "unitPrice": common.json_number(common.unit_price_for(bill)),
             "effectiveDate": _day(bill.period_start),
             "invoiceDescription": _addition_text(bill),
         },
@@ -491,7 +362,7 @@ def update_addition_request(agreement_id: int, addition_id: int, bill: BillDocum
         f"finance/agreements/{agreement_id}/additions/{addition_id}",
         json=[
             {"op": "replace", "path": "quantity", "value": bill.device_count},
-            {"op": "replace", "path": "unitPrice", "value": _num(unit_price_for(bill))},
+            {"op": "replace", "path": "unitPrice", "value": common.json_number(common.unit_price_for(bill))},
             {"op": "replace", "path": "invoiceDescription", "value": _addition_text(bill)},
         ],
     )
@@ -505,19 +376,13 @@ def addition_record(
     row: Mapping[str, Any], agreement: Mapping[str, Any], period_start: date = date.min, period_end: date = date.max
 ) -> PsaRecord | None:
     """The record of a gateway addition whose (latest) cycle lies in the period, else None."""
-    marker = parse_marker(row.get("invoiceDescription"))
-    if marker is None or row.get("cancelledDate") or not in_period(marker, period_start, period_end):
+    marker = common.marker_in_period(row.get("invoiceDescription"), period_start, period_end)
+    if marker is None or row.get("cancelledDate"):
         return None
     quantity = money(row.get("quantity"), "addition quantity")
     price = money(row.get("unitPrice"), "addition unit price")
-    company = agreement.get("company") or {}
-    return PsaRecord(
-        key=marker.key,
-        company_external_id=str(company.get("id", "")),
-        external_id=str(row["id"]),
-        quantity=quantity,
-        amount=(quantity * price).quantize(CENT, ROUND_HALF_UP),
-    )
+    company = (agreement.get("company") or {}).get("id")
+    return common.bill_record(marker, company, row["id"], quantity * price, quantity)
 
 
 def created_id(body: Any, what: str) -> int:

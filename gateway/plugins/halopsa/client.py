@@ -72,7 +72,8 @@ class HaloPsaAdapter:
         else:
             response = await self._send(p.create_invoice_request(bill))
             result = PushResult(external_id=str(await self._keep_one(bill, p.saved_id(response.json()))), created=True)
-        log.info("psa.push", connection=self.name, key=bill.key, external_id=result.external_id, created=result.created)
+        log.info("psa.push", connection=self.name, key=bill.key, delivery="invoice",
+                 external_id=result.external_id, created=result.created)
         return result
 
     async def _invoices_for(self, bill: BillDocument) -> list[Any]:

@@ -17,33 +17,22 @@ for hosted tenants), handled by the shared connector.
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from gateway.adapters import BillDocument, PsaCompany, PsaRecord
-from gateway.errors import ConfigError, PermanentError
+from gateway.errors import PermanentError
+from gateway.plugins import psa_common as common
+from gateway.plugins.psa_common import Request
 
+VENDOR = "HaloPSA"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 500
-REFERENCE_MAX = 50
-MARKER_PREFIX = "gateway-bill"
-CENT = Decimal("0.01")
-
-
-@dataclass(frozen=True)
-class Request:
-    """One HTTP request; ``url`` is relative to ``{base_url}/api`` unless absolute."""
-
-    method: str
-    url: str
-    params: Mapping[str, Any] | None = None
-    json: Any = None
+OPTIONS = ("delivery", "tenant", "page_size")
 
 
 @dataclass(frozen=True)
@@ -55,22 +44,16 @@ class Config:
 
     @classmethod
     def from_options(cls, connection: str, options: Mapping[str, Any]) -> "Config":
-        known = {"delivery", "tenant", "page_size"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(
-                f"connection {connection!r}: unknown option(s) {', '.join(unknown)} for HaloPSA "
-                f"(known: {', '.join(sorted(known))})"
-            )
-        if options.get("delivery", "invoice") != "invoice":
-            raise ConfigError(
-                f'connection {connection!r}: HaloPSA bills are delivered as invoices; options.delivery must be "invoice"'
-            )
-        page_size = int(options.get("page_size", DEFAULT_PAGE_SIZE))
-        if not 1 <= page_size <= MAX_PAGE_SIZE:
-            raise ConfigError(f"connection {connection!r}: options.page_size must be 1..{MAX_PAGE_SIZE}")
-        tenant = str(options["tenant"]) if options.get("tenant") else None
-        return cls(tenant=tenant, page_size=page_size)
+        """Every bad option is a ConfigError naming the connection, the option and what it takes.
+
+        HaloPSA bills go out as invoices only, so ``delivery`` takes just ``"invoice"``.
+        """
+        common.refuse_unknown(connection, VENDOR, options, OPTIONS)
+        common.choice_option(connection, options, "delivery", ("invoice",), "invoice")
+        return cls(
+            tenant=common.text_option(connection, options, "tenant", example="yourcompany"),
+            page_size=common.int_option(connection, options, "page_size", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE),
+        )
 
 
 def token_url(base_url: str, tenant: str | None) -> str:
@@ -117,68 +100,11 @@ def parse_clients(rows: Sequence[Mapping[str, Any]]) -> list[PsaCompany]:
     ]
 
 
-# --- the marker ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Marker:
-    """What the gateway writes into the invoice so it can recognise it later."""
-
-    key: str
-    period_start: date
-    period_end: date
-    devices: int
-
-    def render(self) -> str:
-        return (
-            f"{MARKER_PREFIX} key={quote(self.key, safe=':-_./@')} "
-            f"period={self.period_start.isoformat()}/{self.period_end.isoformat()} devices={self.devices}"
-        )
-
-
-_MARKER = re.compile(
-    rf"{MARKER_PREFIX} key=(?P<key>\S+) period=(?P<start>\d{{4}}-\d{{2}}-\d{{2}})/(?P<end>\d{{4}}-\d{{2}}-\d{{2}}) "
-    r"devices=(?P<devices>\d+)"
-)
-
-
-def marker_for(bill: BillDocument) -> Marker:
-    return Marker(bill.key, bill.period_start, bill.period_end, bill.device_count)
-
-
-def parse_marker(text: Any) -> Marker | None:
-    if not isinstance(text, str):
-        return None
-    match = _MARKER.search(text)
-    if match is None:
-        return None
-    return Marker(
-        unquote(match["key"]), date.fromisoformat(match["start"]), date.fromisoformat(match["end"]), int(match["devices"])
-    )
-
-
-def reference_for(key: str) -> str:
-    """The key itself if it fits ``reference`` (kept to 50), else a stable digest of it."""
-    if len(key) <= REFERENCE_MAX:
-        return key
-    return "gw-" + hashlib.sha256(key.encode()).hexdigest()[: REFERENCE_MAX - 3]
-
-
-def in_period(marker: Marker, period_start: date, period_end: date) -> bool:
-    return period_start <= marker.period_start and marker.period_end <= period_end
-
-
 # --- invoices ------------------------------------------------------------------------------
 
 
 def client_id(bill: BillDocument) -> int:
-    try:
-        return int(bill.company_external_id)
-    except ValueError:
-        raise PermanentError(
-            f"bill {bill.number} is addressed to client {bill.company_external_id!r}, which is not a HaloPSA "
-            "client id (an integer); fix the customer's PSA mapping"
-        ) from None
+    return common.company_id(bill, VENDOR, noun="client")
 
 
 def client_invoices_request(bill: BillDocument, page_no: int, page_size: int) -> Request:
@@ -191,28 +117,12 @@ def all_invoices_request(page_no: int, page_size: int) -> Request:
 
 def matching(rows: Sequence[Mapping[str, Any]], key: str) -> list[Mapping[str, Any]]:
     """Invoices carrying ``key`` (reference and marker), oldest first."""
-    reference = reference_for(key)
-    found = [
-        row
-        for row in rows
-        if row.get("reference") == reference
-        and (m := parse_marker(row.get("internal_note"))) is not None
-        and m.key == key
-    ]
-    return sorted(found, key=lambda row: int(row["id"]))
+    reference = common.reference_for(key)
+    return common.matching([row for row in rows if row.get("reference") == reference], "internal_note", key)
 
 
 def refuse_duplicates(found: Sequence[Mapping[str, Any]], bill: BillDocument) -> None:
-    """Two invoices for one bill key bill the client twice: a person must delete one, the gateway won't guess.
-
-    This only happens when a create was accepted but its answer lost, and the request re-sent.
-    """
-    if len(found) > 1:
-        ids = ", ".join(str(row["id"]) for row in found)
-        raise PermanentError(
-            f"HaloPSA holds {len(found)} invoices for bill {bill.number} (key {bill.key}): ids {ids}; "
-            "delete all but one in HaloPSA, then retry the delivery"
-        )
+    common.refuse_duplicates(found, bill, "invoices", VENDOR)
 
 
 def delete_invoice_request(invoice_id: int) -> Request:
@@ -220,17 +130,14 @@ def delete_invoice_request(invoice_id: int) -> Request:
 
 
 def _lines(bill: BillDocument) -> list[dict[str, Any]]:
-    lines = []
-    for line in bill.lines:
-        quantity, price, text = line.quantity, line.unit_price, line.description
-        if (quantity * price).quantize(CENT, ROUND_HALF_UP) != line.amount.quantize(CENT, ROUND_HALF_UP):
-            # A prorated part (S7): one unit at its amount keeps Halo's net amount exact.
-            quantity, price, text = Decimal(1), line.amount, f"{text} ({line.quantity} × {line.unit_price}, prorated)"
-        lines.append({"item_shortdescription": text[:255], "qty_order": _num(quantity), "unit_price": _num(price)})
-    if not lines and bill.total:
-        lines.append({"item_shortdescription": f"{bill.customer_name} {bill.period_start}–{bill.period_end}",
-                      "qty_order": 1, "unit_price": _num(bill.total)})
-    return lines
+    return [
+        {
+            "item_shortdescription": text[:255],
+            "qty_order": common.json_number(quantity),
+            "unit_price": common.json_number(price),
+        }
+        for text, quantity, price in common.priced_lines(bill)
+    ]
 
 
 def create_invoice_request(bill: BillDocument) -> Request:
@@ -243,10 +150,10 @@ def create_invoice_request(bill: BillDocument) -> Request:
                 "client_id": client_id(bill),
                 "invoice_date": bill.issued_on.isoformat(),
                 "duedate": bill.due_on.isoformat(),
-                "reference": reference_for(bill.key),
+                "reference": common.reference_for(bill.key),
                 "order_number": bill.number,
                 "notes_1": f"{bill.device_count} devices, {bill.period_start.isoformat()} to {bill.period_end.isoformat()}",
-                "internal_note": marker_for(bill).render(),
+                "internal_note": common.marker_for(bill).render(),
                 "period_start_date": bill.period_start.isoformat(),
                 "period_end_date": bill.period_end.isoformat(),
                 "lines": _lines(bill),
@@ -264,14 +171,7 @@ def saved_id(body: Any) -> int:
 
 
 def _number(value: Any, what: str) -> Decimal:
-    try:
-        return Decimal(str(value if value is not None else 0))
-    except InvalidOperation:
-        raise PermanentError(f"HaloPSA answered a {what} that is not a number: {value!r}") from None
-
-
-def _num(value: Decimal) -> float | int:
-    return int(value) if value == value.to_integral_value() else float(value)
+    return common.number(value, what, VENDOR)
 
 
 def invoice_records(rows: Sequence[Mapping[str, Any]], period_start: date, period_end: date) -> list[PsaRecord]:
@@ -280,8 +180,8 @@ def invoice_records(rows: Sequence[Mapping[str, Any]], period_start: date, perio
 
 
 def invoice_record(row: Mapping[str, Any], period_start: date = date.min, period_end: date = date.max) -> PsaRecord | None:
-    marker = parse_marker(row.get("internal_note"))
-    if marker is None or not in_period(marker, period_start, period_end):
+    marker = common.marker_in_period(row.get("internal_note"), period_start, period_end)
+    if marker is None:
         return None
     lines = row.get("lines")
     if isinstance(lines, list) and lines:
@@ -289,10 +189,4 @@ def invoice_record(row: Mapping[str, Any], period_start: date = date.min, period
         amount = sum(amounts, Decimal(0))
     else:
         amount = _number(row.get("total"), "invoice total")
-    return PsaRecord(
-        key=marker.key,
-        company_external_id=str(row.get("client_id", "")),
-        external_id=str(row["id"]),
-        quantity=Decimal(marker.devices),
-        amount=amount.quantize(CENT, ROUND_HALF_UP),
-    )
+    return common.bill_record(marker, row.get("client_id"), row["id"], amount)

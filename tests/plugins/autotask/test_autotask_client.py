@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import date
 from decimal import Decimal
 
@@ -15,6 +16,7 @@ from gateway.errors import AuthError, ConfigError, PermanentError
 from gateway.plugins import get_plugin_manager
 from gateway.plugins.autotask.client import DEFAULT_RATE_LIMIT, AutotaskAdapter
 from gateway.plugins.autotask.simulator import FAULTS, STATE, create_app
+from gateway.plugins.psa_common import parse_marker
 from gateway.testing.proxy import FaultProxy
 
 CREDENTIALS = {"username": "api-user@sim.example", "secret": "sim-secret", "integration_code": "SIMINTEGRATIONCODE000000001"}
@@ -292,3 +294,86 @@ async def test_g2_a_lost_answer_to_an_adjustment_is_corrected_to_the_device_coun
     result = await adapter.push_bill(bill(companies(app)[1], devices=7))  # a contract without the service: 0 units
     assert app[STATE].units_on(int(result.external_id), date(2026, 2, 1)) == 7
     assert [a["unitChange"] for a in app[STATE].adjustments] == [7, 7, -7]  # re-sent, then undone
+
+
+def keyed(company: int, kind_and_source: str, devices: int) -> BillDocument:
+    """A February bill keyed as the billing core keys it: by bill kind and source."""
+    return replace(bill(company, devices=devices), key=f"gw-at-test-{company}-{kind_and_source}-20260201-20260228",
+                   number=f"B-{kind_and_source}")
+
+
+@pytest.mark.parametrize(
+    "which, second_kind, second_devices",
+    [(0, "plan-8", 5), (1, "plan-8", 5), (1, "plan-8", 9), (1, "monthly-1", 4)],
+    ids=["service-existed", "second-plan", "second-plan-same-count", "plan-and-monthly"],
+)
+async def test_g2_a_second_bill_for_the_cycle_a_contract_service_holds_is_refused_naming_both_keys(
+    make_adapter, sim, which, second_kind, second_devices
+):
+    app, _ = sim
+    adapter = make_adapter(delivery="contract_service")
+    company = companies(app)[which]
+    first, second = keyed(company, "plan-7", 9), keyed(company, second_kind, second_devices)
+    service_id = int((await adapter.push_bill(first)).external_id)
+    adjustments = len(app[STATE].adjustments)
+    with pytest.raises(PermanentError) as info:
+        await adapter.push_bill(second)
+    message = str(info.value)
+    assert first.key in message and second.key in message
+    assert "several plans" in message and 'options.delivery = "charge"' in message
+    assert app[STATE].units_on(service_id, date(2026, 2, 1)) == 9 and len(app[STATE].adjustments) == adjustments
+    assert parse_marker(app[STATE].contract_services[service_id]["internalDescription"]).key == first.key
+    assert [r.key for r in await adapter.read_back(*FEB)] == [first.key]
+
+
+async def test_g2_an_existing_contract_service_is_marked_before_its_units_change(aiohttp_server, sim, make_adapter):
+    app, _ = sim
+    proxy, front = await proxied(aiohttp_server, sim)
+    company = companies(app)[0]  # its contract has the service with 1-20 units
+    result = await make_adapter(server=front, delivery="contract_service").push_bill(bill(company, devices=21))
+    writes = [(s.method, s.path.rsplit("/", 1)[-1]) for s in proxy.requests() if s.method in ("PATCH", "POST")
+              and not s.path.endswith("/query")]
+    assert writes == [("PATCH", "Services"), ("POST", "ContractServiceAdjustments")]
+    assert app[STATE].units_on(int(result.external_id), date(2026, 2, 1)) == 21
+
+
+async def test_g2_two_bills_for_one_cycle_each_get_their_own_charges(make_adapter, sim):
+    app, _ = sim
+    company = companies(app)[0]
+    first, second = keyed(company, "plan-7", 3), keyed(company, "plan-8", 5)
+    assert (await make_adapter().push_bill(first)).created and (await make_adapter().push_bill(second)).created
+    records = await make_adapter().read_back(*FEB)
+    assert sorted((r.key, r.amount) for r in records) == [(first.key, first.total), (second.key, second.total)]
+
+
+# S7: 333 devices, 4.50 for 12 and 6.00 for 19 of March's 31 days. The billing core keeps the prorated
+# unit price at 4 places (1.7419, 3.6774) and rounds each amount from the exact fraction, so quantity x
+# unit price misses the amount by a cent on both lines (580.05 vs 580.06, 1224.57 vs 1224.58).
+PRORATED = (
+    BillLineDoc("Devices 1-12 Mar: 333 x 4.50 (12/31 days)", Decimal(333), Decimal("1.7419"), Decimal("580.06")),
+    BillLineDoc("Devices 13-31 Mar: 333 x 6.00 (19/31 days)", Decimal(333), Decimal("3.6774"), Decimal("1224.58")),
+)
+
+
+async def test_s7_two_prorated_lines_arrive_as_charges_adding_up_to_the_bill_total_to_the_cent(make_adapter, sim):
+    app, _ = sim
+    b = replace(bill(companies(app)[0], period=MARCH, devices=333), lines=PRORATED,
+                total=sum((line.amount for line in PRORATED), Decimal(0)))
+    assert all((l.quantity * l.unit_price).quantize(Decimal("0.01")) != l.amount for l in b.lines)  # the S7 case
+    await make_adapter().push_bill(b)
+    charges = sorted(app[STATE].charges.values(), key=lambda c: c["id"])
+    assert [Decimal(str(c["billableAmount"])) for c in charges] == [Decimal("580.06"), Decimal("1224.58")]
+    assert sum(Decimal(str(c["billableAmount"])) for c in charges) == b.total == Decimal("1804.64")
+    assert [parse_marker(c["description"]).line for c in charges] == [1, 2]
+    [record] = await make_adapter().read_back(*MARCH)
+    assert (record.key, record.amount) == (b.key, b.total)
+
+
+@pytest.mark.parametrize(
+    "options, option",
+    [({"page_size": "all"}, "page_size"), ({"billing_code_id": "MSP"}, "billing_code_id"),
+     ({"zone_url": "zone15"}, "zone_url")],
+)
+async def test_a_bad_option_stops_the_adapter_at_start_up_with_a_config_error(make_adapter, options, option):
+    with pytest.raises(ConfigError, match=f"connection 'at-test': options.{option} must be"):
+        make_adapter(**options)

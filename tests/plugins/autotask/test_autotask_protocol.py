@@ -10,6 +10,7 @@ import pytest
 from gateway.adapters import BillDocument, BillLineDoc
 from gateway.errors import ConfigError, PermanentError
 from gateway.plugins.autotask import protocol as p
+from gateway.plugins.psa_common import marker_for, parse_marker
 
 
 def bill(**kw) -> BillDocument:
@@ -85,12 +86,32 @@ def test_invoice_delivery_is_refused_because_autotask_invoices_cannot_be_created
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"delivery": "charge"}, "billing_code_id"), ({"delivery": "contract_service"}, "service_id"),
-     ({"delivery": "charge", "billing_code_id": "abc"}, "integer"), ({"billing_code_id": 1, "zone": "x"}, "unknown")],
+    [
+        ({"delivery": "charge"}, "charge delivery needs options.billing_code_id"),
+        ({"delivery": "contract_service"}, "contract_service delivery needs options.service_id"),
+        ({"delivery": "charge", "billing_code_id": "abc"},
+         "options.billing_code_id must be a whole number of at least 1, got 'abc'"),
+        ({"billing_code_id": 0}, "options.billing_code_id must be a whole number of at least 1, got 0"),
+        ({"billing_code_id": 2001.5}, "options.billing_code_id must be a whole number"),
+        ({"delivery": "contract_service", "service_id": "one"}, "options.service_id must be a whole number"),
+        ({"delivery": "units", "service_id": 1}, "options.delivery must be one of charge, contract_service, got 'units'"),
+        ({"billing_code_id": 1, "page_size": 501}, "options.page_size must be a whole number from 1 to 500, got 501"),
+        ({"billing_code_id": 1, "page_size": "x"}, "options.page_size must be a whole number from 1 to 500, got 'x'"),
+        ({"billing_code_id": 1, "zone_url": "webservices15.autotask.net"}, "options.zone_url must be an http.s. URL"),
+        ({"billing_code_id": 1, "zone_url": 15}, "options.zone_url must be a non-blank text"),
+        ({"billing_code_id": 1, "zone": "x"}, "unknown option.*zone .*known: billing_code_id"),
+    ],
 )
-def test_missing_or_bad_options_are_config_errors(options, message):
-    with pytest.raises(ConfigError, match=message):
+def test_missing_or_bad_options_are_config_errors_naming_the_connection_and_the_option(options, message):
+    with pytest.raises(ConfigError, match=message) as info:
         p.Config.from_options("at-main", options)
+    assert str(info.value).startswith("connection 'at-main': ")
+
+
+def test_good_options_are_read_with_their_defaults():
+    options = {"delivery": "contract_service", "service_id": "3", "page_size": " 50", "zone_url": ZONE["url"]}
+    assert p.Config.from_options("at-main", options) == p.Config("contract_service", None, 3, ZONE["url"], 50)
+    assert p.Config.from_options("at-main", {"billing_code_id": 2001}) == p.Config("charge", 2001, None, None, 500)
 
 
 def test_g2_charges_carry_the_key_and_one_marker_line_each():
@@ -100,13 +121,13 @@ def test_g2_charges_carry_the_key_and_one_marker_line_each():
     first = requests[0][1]
     assert first.url == "Contracts/77/Charges" and first.json["internalPurchaseOrderNumber"] == "at-main:cust-3:2026-02"
     assert (first.json["unitQuantity"], first.json["unitPrice"], first.json["billingCodeID"]) == (12, 2.5, 2001)
-    assert p.parse_marker(first.json["description"]).line == 1
+    assert parse_marker(first.json["description"]).line == 1
 
 
 def test_g2_present_lines_are_not_sent_again():
     rows = [
-        {"id": 5, "description": p.marker_for(bill(), 1).render()},
-        {"id": 6, "description": p.marker_for(bill(key="other"), 2).render()},
+        {"id": 5, "description": marker_for(bill(), 1).render()},
+        {"id": 6, "description": marker_for(bill(key="other"), 2).render()},
     ]
     present = p.lines_present(rows, bill())
     assert {line: row["id"] for line, row in present.items()} == {1: 5}
@@ -114,18 +135,18 @@ def test_g2_present_lines_are_not_sent_again():
 
 
 def test_g2_two_charges_for_one_line_are_refused_naming_both_ids():
-    rows = [{"id": 9, "description": p.marker_for(bill(), 1).render()},
-            {"id": 5, "description": p.marker_for(bill(), 1).render()}]
+    rows = [{"id": 9, "description": marker_for(bill(), 1).render()},
+            {"id": 5, "description": marker_for(bill(), 1).render()}]
     with pytest.raises(PermanentError, match="line 1 of bill INV-2026-0107.*ids 5, 9"):
         p.lines_present(rows, bill())
 
 
 def test_g3_charge_records_add_up_the_billable_amounts_per_bill():
     rows = [
-        {"id": 1, "contractID": 77, "billableAmount": 30.0, "description": p.marker_for(bill(), 1).render()},
-        {"id": 2, "contractID": 77, "billableAmount": 10.0, "description": p.marker_for(bill(), 2).render()},
+        {"id": 1, "contractID": 77, "billableAmount": 30.0, "description": marker_for(bill(), 1).render()},
+        {"id": 2, "contractID": 77, "billableAmount": 10.0, "description": marker_for(bill(), 2).render()},
         {"id": 3, "contractID": 77, "billableAmount": 99.0,
-         "description": p.marker_for(bill(key="march", period_start=date(2026, 3, 1), period_end=date(2026, 3, 31))).render()},
+         "description": marker_for(bill(key="march", period_start=date(2026, 3, 1), period_end=date(2026, 3, 31))).render()},
     ]
     records = p.charge_records(rows, {77: 29683579}, date(2026, 2, 1), date(2026, 2, 28))
     assert [(r.key, r.company_external_id, r.external_id, r.quantity, r.amount) for r in records] == [

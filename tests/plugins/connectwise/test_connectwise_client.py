@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import date
 from decimal import Decimal
 
@@ -10,9 +11,10 @@ import pytest
 
 from gateway.adapters import AdapterContext, BillDocument, BillLineDoc, PsaAdapter
 from gateway.core.settings import ConnectionSettings
-from gateway.errors import AuthError, PermanentError
+from gateway.errors import AuthError, ConfigError, PermanentError
 from gateway.plugins import get_plugin_manager
 from gateway.plugins.connectwise.client import ConnectWiseAdapter
+from gateway.plugins.psa_common import parse_marker
 from gateway.plugins.connectwise.simulator import FAULTS, STATE, create_app
 from gateway.testing.proxy import FaultProxy
 
@@ -276,3 +278,76 @@ async def test_recovers_from_an_answer_slower_than_the_timeout(sim, clock):
     assert len(await adapter.list_companies()) == 7
     assert adapter.connector.stats.retries == 1
     await adapter.aclose()
+
+
+def keyed(kind_and_source: str, devices: int) -> BillDocument:
+    """A February bill of company 2 keyed as the billing core keys it: by bill kind and source."""
+    return replace(bill(devices=devices), key=f"gw-cw-test-2-{kind_and_source}-20260201-20260228",
+                   number=f"B-{kind_and_source}")
+
+
+@pytest.mark.parametrize(
+    "second",
+    [keyed("plan-8", 5), keyed("plan-8", 3), keyed("monthly-1", 4)],
+    ids=["second-plan", "second-plan-same-count", "plan-and-monthly"],
+)
+async def test_g2_a_second_bill_for_the_cycle_an_addition_holds_is_refused_naming_both_keys(make_adapter, sim, second):
+    app, _ = sim
+    adapter = make_adapter(delivery="addition")
+    first = keyed("plan-7", 3)
+    await adapter.push_bill(first)
+    with pytest.raises(PermanentError) as info:
+        await adapter.push_bill(second)
+    message = str(info.value)
+    assert first.key in message and second.key in message
+    assert "several plans" in message and 'options.delivery = "invoice"' in message
+    [addition] = app[STATE].additions.values()
+    assert (addition["quantity"], parse_marker(addition["invoiceDescription"]).key) == (3, first.key)
+    assert [r.key for r in await adapter.read_back(date(2026, 2, 1), date(2026, 2, 28))] == [first.key]
+    assert not (await adapter.push_bill(first)).created  # the first bill is still the one delivered
+
+
+async def test_g2_two_bills_for_one_cycle_each_get_their_own_invoice(adapter, sim):
+    app, _ = sim
+    first, second = keyed("plan-7", 3), keyed("plan-8", 5)
+    pushed = [await adapter.push_bill(first), await adapter.push_bill(second)]
+    assert all(result.created for result in pushed) and len(app[STATE].invoices) == 2
+    records = await adapter.read_back(date(2026, 2, 1), date(2026, 2, 28))
+    assert sorted((r.key, r.amount) for r in records) == [(first.key, first.total), (second.key, second.total)]
+
+
+# S7: 333 devices, 4.50 for 12 and 6.00 for 19 of March's 31 days. The billing core keeps the prorated
+# unit price at 4 places (1.7419, 3.6774) and rounds each amount from the exact fraction, so quantity x
+# unit price misses the amount by a cent on both lines (580.05 vs 580.06, 1224.57 vs 1224.58).
+PRORATED = (
+    BillLineDoc("Devices 1-12 Mar: 333 x 4.50 (12/31 days)", Decimal(333), Decimal("1.7419"), Decimal("580.06")),
+    BillLineDoc("Devices 13-31 Mar: 333 x 6.00 (19/31 days)", Decimal(333), Decimal("3.6774"), Decimal("1224.58")),
+)
+
+
+def prorated_bill() -> BillDocument:
+    b = bill(period=(date(2026, 3, 1), date(2026, 3, 31)), devices=333)
+    return replace(b, total=sum((line.amount for line in PRORATED), Decimal(0)), lines=PRORATED)
+
+
+async def test_s7_two_prorated_lines_arrive_and_the_invoice_total_is_the_bill_total_to_the_cent(adapter, sim):
+    app, _ = sim
+    b = prorated_bill()
+    assert all((l.quantity * l.unit_price).quantize(Decimal("0.01")) != l.amount for l in b.lines)  # the S7 case
+    result = await adapter.push_bill(b)
+    invoice = app[STATE].invoices[int(result.external_id)]
+    assert Decimal(str(invoice["total"])) == b.total == Decimal("1804.64")
+    lines = sorted(app[STATE].products.values(), key=lambda row: row["sequenceNumber"])
+    assert [Decimal(str(row["extPrice"])) for row in lines] == [Decimal("580.06"), Decimal("1224.58")]
+    assert all("prorated" in row["description"] for row in lines)
+    [record] = await adapter.read_back(date(2026, 3, 1), date(2026, 3, 31))
+    assert record.amount == b.total
+
+
+@pytest.mark.parametrize(
+    "options, option",
+    [({"page_size": "ten"}, "page_size"), ({"delivery": 1}, "delivery"), ({"catalog_item": ["MSP"]}, "catalog_item")],
+)
+async def test_a_bad_option_stops_the_adapter_at_start_up_with_a_config_error(make_adapter, options, option):
+    with pytest.raises(ConfigError, match=f"connection 'cw-test': options.{option} must be"):
+        make_adapter(**options)

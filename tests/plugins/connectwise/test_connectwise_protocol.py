@@ -11,6 +11,7 @@ import pytest
 from gateway.adapters import BillDocument, BillLineDoc
 from gateway.errors import ConfigError, PermanentError
 from gateway.plugins.connectwise import protocol as p
+from gateway.plugins.psa_common import marker_for, parse_marker
 
 
 def bill(**kw) -> BillDocument:
@@ -79,21 +80,6 @@ def test_companies_skip_deleted_ones():
     assert [(c.external_id, c.name) for c in p.parse_companies(rows)] == [("2", "Acme Dental")]
 
 
-def test_g2_marker_round_trips_through_free_text():
-    b = bill(key="conn:customer 7/2026-02")
-    text = "Billed by the gateway\n" + p.marker_for(b).render() + "\nthanks"
-    marker = p.parse_marker(text)
-    assert marker == p.Marker("conn:customer 7/2026-02", date(2026, 2, 1), date(2026, 2, 28), 3)
-    assert p.parse_marker("typed by a person") is None
-
-
-def test_g2_long_keys_get_a_stable_reference_that_fits_fifty_characters():
-    key = "k" * 80
-    assert len(p.reference_for(key)) == 50
-    assert p.reference_for(key) == p.reference_for(key) != p.reference_for(key + "x")
-    assert p.reference_for("short") == "short"
-
-
 def test_g2_find_invoice_queries_the_reference_of_the_company():
     request = p.find_invoice_request(bill())
     assert request.params["conditions"] == 'reference = "cw-main:cust-7:2026-02" and company/id = 12'
@@ -109,7 +95,7 @@ def test_invoice_create_carries_reference_po_dates_and_marker():
     assert body["type"] == "Standard" and body["company"] == {"id": 12}
     assert body["reference"] == "cw-main:cust-7:2026-02" and body["customerPO"] == "INV-2026-0042"
     assert body["date"] == "2026-03-01T00:00:00Z" and body["dueDate"] == "2026-03-31T00:00:00Z"
-    assert p.parse_marker(body["internalNotes"]).key == "cw-main:cust-7:2026-02"
+    assert parse_marker(body["internalNotes"]).key == "cw-main:cust-7:2026-02"
 
 
 def test_only_missing_product_lines_are_created_after_an_interrupted_push():
@@ -119,28 +105,22 @@ def test_only_missing_product_lines_are_created_after_an_interrupted_push():
     assert requests[0].json["invoice"] == {"id": 5} and requests[0].json["price"] == 10
 
 
-def test_a_prorated_line_is_sent_as_one_unit_at_its_amount():
-    prorated = BillLineDoc("Plan B from 15 Feb", Decimal(3), Decimal("5.00"), Decimal("7.50"))
-    lines = p.priced_lines(bill(lines=(prorated,), total=Decimal("7.50")))
-    assert lines == [("Plan B from 15 Feb (3 × 5.00, prorated)", Decimal(1), Decimal("7.50"))]
-
-
 def test_addition_patch_is_one_json_patch_with_quantity_price_and_marker():
     ops = p.update_addition_request(4, 77, bill(total=Decimal("25.00"))).json
     assert ops[0] == {"op": "replace", "path": "quantity", "value": 3}
     assert ops[1]["path"] == "unitPrice" and Decimal(str(ops[1]["value"])) == Decimal("8.333333")
-    assert p.parse_marker(ops[2]["value"]).devices == 3
+    assert parse_marker(ops[2]["value"]).devices == 3
 
 
 def test_g3_addition_record_amount_is_quantity_times_price_to_the_cent():
-    row = {"id": 77, "quantity": 3.0, "unitPrice": 8.333333, "invoiceDescription": p.marker_for(bill()).render()}
+    row = {"id": 77, "quantity": 3.0, "unitPrice": 8.333333, "invoiceDescription": marker_for(bill()).render()}
     record = p.addition_record(row, {"company": {"id": 12}})
     assert (record.key, record.quantity, record.amount, record.company_external_id) == (
         "cw-main:cust-7:2026-02", Decimal("3.0"), Decimal("25.00"), "12")
 
 
 def test_g3_invoice_record_takes_the_psa_total_and_the_marked_device_count():
-    row = {"id": 31, "company": {"id": 12}, "total": 24.99, "internalNotes": p.marker_for(bill()).render()}
+    row = {"id": 31, "company": {"id": 12}, "total": 24.99, "internalNotes": marker_for(bill()).render()}
     record = p.invoice_record(row)
     assert (record.external_id, record.quantity, record.amount) == ("31", Decimal(3), Decimal("24.99"))
     assert p.invoice_record({"id": 32, "total": 5, "internalNotes": None}) is None
@@ -153,19 +133,36 @@ def test_no_active_agreement_names_the_company_and_the_way_out():
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"delivery": "email"}, "options.delivery"), ({"colour": "red"}, "unknown option"), ({"page_size": 5000}, "page_size")],
+    [
+        ({"delivery": "email"}, "options.delivery must be one of invoice, addition, got 'email'"),
+        ({"colour": "red"}, "unknown option.*colour.*known: agreement_type"),
+        ({"page_size": 5000}, "options.page_size must be a whole number from 1 to 1000, got 5000"),
+        ({"page_size": "lots"}, "options.page_size must be a whole number from 1 to 1000, got 'lots'"),
+        ({"page_size": 2.5}, "options.page_size must be a whole number"),
+        ({"page_size": True}, "options.page_size must be a whole number"),
+        ({"page_size": [10]}, "options.page_size must be a whole number"),
+        ({"catalog_item": 1001}, "options.catalog_item must be a non-blank text such as 'MSP-DEVICE', got 1001"),
+        ({"agreement_type": "   "}, "options.agreement_type must be a non-blank text"),
+        ({"invoice_type": {"name": "Standard"}}, "options.invoice_type must be a non-blank text"),
+        ({"codebase": 4.6}, "options.codebase must be a non-blank text such as 'v4_6_release/'"),
+    ],
 )
-def test_bad_options_are_config_errors_naming_the_connection(options, message):
+def test_bad_options_are_config_errors_naming_the_connection_the_option_and_what_it_takes(options, message):
     with pytest.raises(ConfigError, match=message) as info:
         p.Config.from_options("cw-main", options)
-    assert "cw-main" in str(info.value)
+    assert str(info.value).startswith("connection 'cw-main': ")
+
+
+def test_good_options_are_read_with_their_defaults():
+    config = p.Config.from_options("cw-main", {"delivery": "addition", "page_size": "25", "agreement_type": ""})
+    assert config == p.Config(delivery="addition", catalog_item="MSP-DEVICE", agreement_type=None, page_size=25)
 
 
 def test_g3_invoice_records_are_limited_to_bills_whose_cycle_lies_in_the_period():
     march = bill(key="march", period_start=date(2026, 3, 1), period_end=date(2026, 3, 31))
     rows = [
-        {"id": 1, "company": {"id": 12}, "total": 25, "internalNotes": p.marker_for(bill()).render()},
-        {"id": 2, "company": {"id": 12}, "total": 30, "internalNotes": p.marker_for(march).render()},
+        {"id": 1, "company": {"id": 12}, "total": 25, "internalNotes": marker_for(bill()).render()},
+        {"id": 2, "company": {"id": 12}, "total": 30, "internalNotes": marker_for(march).render()},
         {"id": 3, "company": {"id": 12}, "total": 99, "internalNotes": "typed by a person"},
     ]
     assert [r.external_id for r in p.invoice_records(rows, date(2026, 2, 1), date(2026, 2, 28))] == ["1"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import date
 from decimal import Decimal
 
@@ -10,7 +11,7 @@ import pytest
 
 from gateway.adapters import AdapterContext, BillDocument, BillLineDoc, PsaAdapter
 from gateway.core.settings import ConnectionSettings
-from gateway.errors import AuthError, PermanentError
+from gateway.errors import AuthError, ConfigError, PermanentError
 from gateway.plugins import get_plugin_manager
 from gateway.plugins.halopsa.client import HaloPsaAdapter
 from gateway.plugins.halopsa.simulator import FAULTS, STATE, create_app
@@ -202,3 +203,33 @@ async def test_a_token_past_its_lifetime_is_renewed(aiohttp_server, clock):
     assert len(await adapter.list_companies()) == 2
     assert app[STATE].tokens_issued == 2
     await adapter.aclose()
+
+
+# S7: 333 devices, 4.50 for 12 and 6.00 for 19 of March's 31 days. The billing core keeps the prorated
+# unit price at 4 places (1.7419, 3.6774) and rounds each amount from the exact fraction, so quantity x
+# unit price misses the amount by a cent on both lines (580.05 vs 580.06, 1224.57 vs 1224.58).
+PRORATED = (
+    BillLineDoc("Devices 1-12 Mar: 333 x 4.50 (12/31 days)", Decimal(333), Decimal("1.7419"), Decimal("580.06")),
+    BillLineDoc("Devices 13-31 Mar: 333 x 6.00 (19/31 days)", Decimal(333), Decimal("3.6774"), Decimal("1224.58")),
+)
+
+
+async def test_s7_two_prorated_lines_arrive_and_the_invoice_total_is_the_bill_total_to_the_cent(make_adapter, sim):
+    app, _ = sim
+    b = replace(bill(clients(app)[0], period=MARCH, devices=333), lines=PRORATED,
+                total=sum((line.amount for line in PRORATED), Decimal(0)))
+    assert all((l.quantity * l.unit_price).quantize(Decimal("0.01")) != l.amount for l in b.lines)  # the S7 case
+    result = await make_adapter().push_bill(b)
+    [invoice] = gateway_invoices(app)
+    assert str(invoice["id"]) == result.external_id
+    assert Decimal(str(invoice["total"])) == b.total == Decimal("1804.64")
+    assert [Decimal(str(line["net_amount"])) for line in invoice["lines"]] == [Decimal("580.06"), Decimal("1224.58")]
+    assert all("prorated" in line["item_shortdescription"] for line in invoice["lines"])
+    [record] = await make_adapter().read_back(*MARCH)
+    assert (record.key, record.amount) == (b.key, b.total)
+
+
+@pytest.mark.parametrize("options, option", [({"page_size": "many"}, "page_size"), ({"tenant": ["msp"]}, "tenant")])
+async def test_a_bad_option_stops_the_adapter_at_start_up_with_a_config_error(make_adapter, options, option):
+    with pytest.raises(ConfigError, match=f"connection 'halo-test': options.{option} must be"):
+        make_adapter(**options)

@@ -10,6 +10,7 @@ import pytest
 from gateway.adapters import BillDocument, BillLineDoc
 from gateway.errors import ConfigError, PermanentError
 from gateway.plugins.halopsa import protocol as p
+from gateway.plugins.psa_common import marker_for, parse_marker
 
 
 def bill(**kw) -> BillDocument:
@@ -76,11 +77,11 @@ def test_invoice_write_is_one_array_with_lines_reference_and_marker():
         {"item_shortdescription": "Managed devices", "qty_order": 5, "unit_price": 2.5},
         {"item_shortdescription": "Activation fee", "qty_order": 1, "unit_price": 10},
     ]
-    assert p.parse_marker(invoice["internal_note"]).devices == 5
+    assert parse_marker(invoice["internal_note"]).devices == 5
 
 
 def test_g2_matching_needs_both_reference_and_marker():
-    note = p.marker_for(bill()).render()
+    note = marker_for(bill()).render()
     rows = [
         {"id": 7, "reference": "halo:cust-9:2026-02", "internal_note": "typed by hand"},
         {"id": 9, "reference": "halo:cust-9:2026-02", "internal_note": note},
@@ -100,7 +101,7 @@ def test_saved_id_reads_an_object_or_a_list():
 
 
 def test_g3_record_adds_up_line_net_amounts_or_falls_back_to_total():
-    note = p.marker_for(bill()).render()
+    note = marker_for(bill()).render()
     with_lines = {"id": 5, "client_id": 12, "total": 27.0, "internal_note": note,
                   "lines": [{"net_amount": 12.5}, {"net_amount": 10.0}]}
     record = p.invoice_record(with_lines)
@@ -110,10 +111,26 @@ def test_g3_record_adds_up_line_net_amounts_or_falls_back_to_total():
     assert p.invoice_record({"id": 7, "total": 1, "internal_note": None}) is None
 
 
-@pytest.mark.parametrize("options, message", [({"delivery": "contract"}, "invoice"), ({"page_size": 0}, "page_size"), ({"x": 1}, "unknown")])
-def test_bad_options_are_config_errors(options, message):
-    with pytest.raises(ConfigError, match=message):
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"delivery": "contract"}, "options.delivery must be one of invoice, got 'contract'"),
+        ({"page_size": 0}, "options.page_size must be a whole number from 1 to 500, got 0"),
+        ({"page_size": "100 rows"}, "options.page_size must be a whole number from 1 to 500, got '100 rows'"),
+        ({"page_size": 12.0}, "options.page_size must be a whole number"),
+        ({"tenant": 42}, "options.tenant must be a non-blank text such as 'yourcompany', got 42"),
+        ({"x": 1}, "unknown option.*x.*known: delivery, page_size, tenant"),
+    ],
+)
+def test_bad_options_are_config_errors_naming_the_connection_the_option_and_what_it_takes(options, message):
+    with pytest.raises(ConfigError, match=message) as info:
         p.Config.from_options("halo", options)
+    assert str(info.value).startswith("connection 'halo': ")
+
+
+def test_good_options_are_read_with_their_defaults():
+    assert p.Config.from_options("halo", {"tenant": " msp ", "page_size": "250"}) == p.Config("msp", 250)
+    assert p.Config.from_options("halo", {"delivery": "invoice", "tenant": ""}) == p.Config(None, 100)
 
 
 def test_without_a_record_count_a_full_page_means_there_may_be_more():
@@ -122,8 +139,8 @@ def test_without_a_record_count_a_full_page_means_there_may_be_more():
 
 
 def test_g3_records_are_limited_to_bills_whose_cycle_lies_in_the_period():
-    feb = {"id": 1, "client_id": 12, "total": 22.5, "internal_note": p.marker_for(bill()).render()}
-    march = {"id": 2, "client_id": 12, "total": 30, "internal_note": p.marker_for(
+    feb = {"id": 1, "client_id": 12, "total": 22.5, "internal_note": marker_for(bill()).render()}
+    march = {"id": 2, "client_id": 12, "total": 30, "internal_note": marker_for(
         bill(key="m", period_start=date(2026, 3, 1), period_end=date(2026, 3, 31))).render()}
     assert [r.external_id for r in p.invoice_records([feb, march], date(2026, 2, 1), date(2026, 2, 28))] == ["1"]
     assert [r.external_id for r in p.invoice_records([feb, march], date(2026, 1, 1), date(2026, 3, 31))] == ["1", "2"]
