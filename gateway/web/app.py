@@ -20,8 +20,9 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.core.access import Principal
+from gateway.core.users import authenticate
 from gateway.web.api import API_PREFIX, DB_EXECUTOR, GATEWAY, PRINCIPAL, Endpoint, in_db
-from gateway.web.auth import authenticate, bearer_token, invalid_token
+from gateway.web.auth import bearer_token, invalid_token
 from gateway.web.errors import REQUEST_ID, error_middleware
 from gateway.web.health import add_health_routes
 from gateway.web.openapi import build_document
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 log = structlog.get_logger(__name__)
 
 #: Route modules of the admin API, each exposing ``routes``.
-ROUTE_MODULES: tuple[str, ...] = ("gateway.web.licenses",)
+ROUTE_MODULES: tuple[str, ...] = ("gateway.web.licenses", "gateway.web.billing")
 
 OPENAPI = web.AppKey("openapi", dict)
 PUBLIC_HANDLERS = web.AppKey("public_handlers", frozenset)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
@@ -13,6 +14,13 @@ from gateway.web.api import Endpoint
 from gateway.web.errors import ErrorBody
 
 REF = "#/components/schemas/{model}"
+
+
+@dataclass(frozen=True)
+class Download:
+    """A route's response that is a file (e.g. CSV or PDF) rather than JSON: ``response=Download(("text/csv",))``."""
+
+    media_types: tuple[str, ...]
 _ERRORS = {
     "400": "the body is not a JSON object",
     "401": "no token, or an unknown or revoked one",
@@ -56,7 +64,12 @@ def build_document(endpoints: Sequence[Endpoint], *, title: str, version: str) -
                 "required": True,
                 "content": {"application/json": {"schema": refs[(e.body, "validation")]}},
             }
-        if e.status == 204 or e.response is None:
+        if isinstance(e.response, Download):
+            operation["responses"][str(e.status)] = {
+                "description": e.summary,
+                "content": {media: {"schema": {"type": "string", "format": "binary"}} for media in e.response.media_types},
+            }
+        elif e.status == 204 or e.response is None:
             operation["responses"][str(e.status)] = {"description": "done, no content"}
         else:
             operation["responses"][str(e.status)] = {

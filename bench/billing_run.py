@@ -1,0 +1,225 @@
+"""Benchmark: one month's billing run for 10,000 customers and 200,000 devices, against its floor.
+
+The store is a temporary migrated SQLite database (or a scratch ``--database-url``, emptied first) holding
+partners with monthly billing enabled, customers in several time zones, one
+workspace each on the monthly plan, devices, and one month (March 2026) of
+activity in which most devices check in on most days. Every customer is mapped
+to a PSA company, so each bill also gets its outbox delivery.
+
+- gateway: ``run_billing`` for the whole store as of 2 April 2026 (every zone's
+  March is over), committed: which devices count (M5), one bill per customer
+  with its lines, numbers from each partner's sequence, the M7 device rows,
+  the G2 deliveries, the M6 report queue.
+- floor, in the same run: one SQL aggregate of active devices per workspace
+  for the month, plus one executemany of the bill rows into ``bills`` (its
+  indexes and foreign keys included), rolled back. Measured twice (the
+  better one counts), before the gateway, so it never has the colder cache.
+
+Peak RSS is the process's maximum resident set, generation of the data included.
+The last line is the machine-readable result.
+
+    python bench/billing_run.py [--customers 10000] [--devices 200000] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import resource
+import sys
+import tempfile
+import time
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import Engine, func, insert, select, text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway.core import db as gdb  # noqa: E402
+from gateway.core.bills import run_billing  # noqa: E402
+from gateway.core.models import (  # noqa: E402
+    Base,
+    Bill,
+    BillDevice,
+    BillKind,
+    BillStatus,
+    Customer,
+    Delivery,
+    Device,
+    DeviceActivity,
+    ExternalMapping,
+    MappingKind,
+    MonthlySubscription,
+    Partner,
+    Workspace,
+)
+from gateway.core.settings import BillingSettings  # noqa: E402
+from gateway.plugins import get_plugin_manager  # noqa: E402
+
+TARGET = 2
+ZONES = ["UTC", "Europe/Berlin", "America/New_York", "America/Los_Angeles", "Pacific/Auckland", "Asia/Kolkata",
+         "Pacific/Kiritimati", "Pacific/Pago_Pago"]
+MONTH_START, MONTH_END = date(2026, 3, 1), date(2026, 3, 31)
+AS_OF = datetime(2026, 4, 2, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+CHUNK = 50_000
+
+
+def _insert(engine: Engine, table: Any, rows: list[dict[str, Any]]) -> None:
+    with engine.begin() as connection:
+        for start in range(0, len(rows), CHUNK):
+            connection.execute(insert(table), rows[start : start + CHUNK])
+
+
+def populate(engine: Engine, customers: int, devices: int, partners: int, seed: int) -> int:
+    """Write the store; returns the number of activity rows."""
+    rng = random.Random(seed)
+    _insert(engine, Partner.__table__, [
+        {"id": p, "name": f"Partner {p}", "email": f"owner@p{p}.example", "currency": "USD",
+         "discount_percent": Decimal(0), "invoice_prefix": f"P{p:03d}", "next_bill_number": 1, "pool_mode": "global",
+         "automatic_exchange": True, "created_at": T0}
+        for p in range(1, partners + 1)
+    ])
+    _insert(engine, MonthlySubscription.__table__, [
+        {"partner_id": p, "enabled_at": datetime(2026, 1, 10, tzinfo=timezone.utc), "timezone": "UTC",
+         "price_per_device": Decimal("2.50"), "currency": "USD"}
+        for p in range(1, partners + 1)
+    ])
+    _insert(engine, Customer.__table__, [
+        {"id": c, "partner_id": 1 + (c - 1) % partners, "name": f"Customer {c}", "timezone": ZONES[c % len(ZONES)],
+         "billing_email": f"ap@c{c}.example", "created_at": T0}
+        for c in range(1, customers + 1)
+    ])
+    _insert(engine, Workspace.__table__, [
+        {"id": c, "customer_id": c, "name": "Main", "max_devices": 1000, "monthly_billing_since": date(2026, 1, 15),
+         "created_at": T0}
+        for c in range(1, customers + 1)
+    ])
+    _insert(engine, ExternalMapping.__table__, [
+        {"connection": "bench-psa", "kind": MappingKind.PSA_COMPANY, "external_id": str(c), "customer_id": c,
+         "external_name": f"Customer {c}", "auto_created": False, "first_seen_at": T0, "last_seen_at": T0}
+        for c in range(1, customers + 1)
+    ])
+    _insert(engine, Device.__table__, [
+        {"id": d, "connection": "bench-rmm", "external_id": str(d), "org_external_id": str(1 + (d - 1) % customers),
+         "workspace_id": 1 + (d - 1) % customers, "hostname": f"pc-{d}", "device_class": "WINDOWS_WORKSTATION",
+         "online": True, "deleted": False, "first_seen_at": T0, "updated_at": T0}
+        for d in range(1, devices + 1)
+    ])
+    days = [MONTH_START + timedelta(days=i) for i in range((MONTH_END - MONTH_START).days + 1)]
+    total = 0
+    batch: list[dict[str, Any]] = []
+    for d in range(1, devices + 1):
+        if rng.random() < 0.08:  # idle all month: not billed (M5)
+            continue
+        share = rng.choice((0.15, 0.6, 0.9, 1.0))
+        for day in days:
+            if rng.random() < share:
+                batch.append({"device_id": d, "day": day})
+        if len(batch) >= CHUNK:
+            _insert(engine, DeviceActivity.__table__, batch)
+            total += len(batch)
+            batch = []
+    _insert(engine, DeviceActivity.__table__, batch)
+    total += len(batch)
+    # Fresh statistics, as a running store has them (and on PostgreSQL, as autovacuum leaves it).
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("ANALYZE" if engine.dialect.name == "sqlite" else "VACUUM ANALYZE"))
+    return total
+
+
+def run_floor(engine: Engine) -> tuple[float, int]:
+    """One aggregate of active devices per workspace, one executemany of the bill rows into ``bills``
+    (with its indexes and foreign keys, as the gateway's bills get them); rolled back afterwards."""
+    started = time.perf_counter()
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        counts = connection.execute(
+            select(Workspace.id, Workspace.customer_id, Customer.partner_id,
+                   func.count(func.distinct(DeviceActivity.device_id)))
+            .select_from(DeviceActivity)
+            .join(Device, Device.id == DeviceActivity.device_id)
+            .join(Workspace, Workspace.id == Device.workspace_id)
+            .join(Customer, Customer.id == Workspace.customer_id)
+            .where(DeviceActivity.day >= MONTH_START, DeviceActivity.day <= MONTH_END)
+            .group_by(Workspace.id, Workspace.customer_id, Customer.partner_id)
+        ).all()
+        rows = [
+            {"partner_id": partner_id, "customer_id": customer_id, "kind": BillKind.MONTHLY, "source_id": workspace_id,
+             "number": f"F-{workspace_id:08d}", "period_start": MONTH_START, "period_end": MONTH_END,
+             "currency": "USD", "device_count": n, "total": Decimal("2.50") * n, "status": BillStatus.ISSUED,
+             "issued_on": AS_OF.date(), "due_on": AS_OF.date() + timedelta(days=30), "created_at": AS_OF,
+             "email_attempts": 0}
+            for workspace_id, customer_id, partner_id, n in counts
+        ]
+        connection.execute(insert(Bill.__table__), rows)
+        elapsed = time.perf_counter() - started
+        transaction.rollback()
+    return elapsed, len(rows)
+
+
+def run_gateway(engine: Engine) -> tuple[float, int]:
+    factory = gdb.session_factory(engine)
+    plugins = get_plugin_manager(load_entry_points=False)  # built before the clock starts, as in the daemon
+    started = time.perf_counter()
+    with gdb.transaction(factory) as session:
+        run = run_billing(session, now=AS_OF, billing=BillingSettings(), plugins=plugins)
+    return time.perf_counter() - started, len(run.bill_ids)
+
+
+def count(engine: Engine, model: Any) -> int:
+    with engine.connect() as connection:
+        return connection.execute(select(func.count()).select_from(model)).scalar_one()
+
+
+def main(args: argparse.Namespace) -> None:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    with tempfile.TemporaryDirectory(prefix="billing_run_") as tmp:
+        url = args.database_url or f"sqlite:///{Path(tmp) / 'billing.db'}"
+        engine = gdb.make_engine(url)
+        gdb.upgrade(engine)
+        if args.database_url:
+            with engine.begin() as connection:  # a clean slate in the given database
+                if engine.dialect.name == "postgresql":
+                    names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+                    connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+                else:
+                    for table in reversed(Base.metadata.sorted_tables):
+                        connection.execute(table.delete())
+        started = time.perf_counter()
+        activity = populate(engine, args.customers, args.devices, args.partners, args.seed)
+        setup_s = time.perf_counter() - started
+        floor_s, floor_bills = min(run_floor(engine) for _ in range(2))
+        gateway_s, bills = run_gateway(engine)
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        billed_devices, deliveries = count(engine, BillDevice), count(engine, Delivery)
+        engine.dispose()
+    if bills != floor_bills:
+        raise SystemExit(f"gateway built {bills} bills but the floor counted {floor_bills} workspaces with activity")
+    ratio = gateway_s / floor_s
+    print(f"customers={args.customers} devices={args.devices} partners={args.partners} activity_rows={activity} "
+          f"setup_s={setup_s:.1f} backend={url.split(':', 1)[0]}")
+    print(f"gateway: {gateway_s:.2f} s for {bills} bills, {billed_devices} billed devices, {deliveries} deliveries; "
+          f"floor: {floor_s:.2f} s")
+    print(f"billing_run: ratio={ratio:.2f} target={TARGET} gateway_s={gateway_s:.2f} floor_s={floor_s:.2f} "
+          f"peak_rss_mb={rss_mb:.0f}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--customers", type=int, default=10_000)
+    parser.add_argument("--devices", type=int, default=200_000)
+    parser.add_argument("--partners", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--database-url", help="a scratch PostgreSQL database instead of a temporary SQLite file "
+                        "(its gateway tables are emptied first)")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main(parse_args())
