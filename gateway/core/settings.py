@@ -18,7 +18,7 @@ import tomllib
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -92,26 +92,6 @@ class ConnectionSettings(_Section):
                 f"or {credential_env_name(self.name, key)} in the environment"
             )
         return secret.get_secret_value()
-
-    @overload
-    def int_option(self, key: str, default: int, *, minimum: int, maximum: int | None = None) -> int: ...
-    @overload
-    def int_option(self, key: str, default: None, *, minimum: int, maximum: int | None = None) -> int | None: ...
-
-    def int_option(self, key: str, default: int | None, *, minimum: int, maximum: int | None = None) -> int | None:
-        """A whole-number option (an int, or a string of digits); raises ConfigError naming the connection if bad."""
-        value = self.options.get(key, default)
-        if value is None:
-            return None
-        if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            if value >= minimum and (maximum is None or value <= maximum):
-                return value
-        expected = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
-        raise ConfigError(
-            f"connection {self.name!r}: options.{key} must be a whole number {expected}, not {value!r}"
-        )
 
 
 class MailSettings(_Section):

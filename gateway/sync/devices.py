@@ -16,11 +16,20 @@ Decisions:
 - Devices of an unmapped organisation are stored (so they can be listed) without
   a workspace and without activity: they are never billed, and mapping the
   organisation later bills them from the next pull on, never retroactively (G1).
-- A refused device (M3) is stored with its reason and no workspace, like
-  :func:`gateway.core.bills.admit_device`; it is admitted at a later pull once the
-  workspace has room. Devices already in a workspace are never refused later.
-- Deleted devices (Datto) keep their workspace but take no seat; a check-in
-  before deletion is still activity.
+- A refused device (M3) is stored with its reason and no workspace; it is
+  admitted at a later pull once the workspace has room. Devices holding a seat
+  are never refused later.
+- Seats are counted inside each batch's transaction, after taking the write
+  lock (the cursor is written first: SQLite has one writer) and, on PostgreSQL,
+  locking the limited workspaces' rows in id order: two connections mapped to
+  one workspace and pulled at once never admit more than its maximum.
+- Deleted devices keep their workspace but take no seat; a check-in before
+  deletion is still activity. Deleted means flagged so by the RMM (Datto), or not
+  listed by a complete pass: a pull that ran from the first page to the last
+  marks the connection's devices it did not see deleted, freeing their seats
+  (NinjaOne simply stops listing removed devices). A pull resumed from a stored
+  cursor saw only part of the list and marks nothing. A deleted device that comes
+  back needs a free seat again, like a new one.
 - ``auto_map`` creates a customer and a workspace named after the organisation
   (reusing existing ones of that name) for the connection's partner: the only
   partner, or ``options.partner_id`` when there are several.
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
@@ -37,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import structlog
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -56,6 +66,7 @@ from gateway.core.models import (
     Workspace,
 )
 from gateway.errors import ConfigError, GatewayError, NotFound
+from gateway.plugins.psa_common import int_option
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from gateway.core.settings import ConnectionSettings, Settings
@@ -84,6 +95,7 @@ class PullSummary:
     devices_unchanged: int = 0
     devices_refused: int = 0
     devices_unmapped: int = 0
+    devices_removed: int = 0
     refusals: list[dict[str, str]] = field(default_factory=list)
     requests: int = 0
     retries: int = 0
@@ -100,12 +112,19 @@ class _Target:
 
     workspace_id: int
     workspace_name: str
-    max_devices: int | None
     zone: ZoneInfo
 
 
+@dataclass
+class _Seats:
+    """M3 within one batch: a limited workspace's maximum and how many devices hold a seat."""
+
+    maximum: int
+    taken: int
+
+
 class _Pull:
-    """The state of one pull: mappings, seat counters, the summary."""
+    """The state of one pull: mappings, the pass marker, the summary."""
 
     def __init__(self, connection: str, sessions: sessionmaker[Session], clock: Clock, summary: PullSummary):
         self.connection = connection
@@ -113,7 +132,7 @@ class _Pull:
         self.clock = clock
         self.summary = summary
         self.targets: dict[str, _Target | None] = {}  # org external id -> target (None: unmapped)
-        self.seats: dict[int, int] = {}  # workspace id -> devices holding a seat (only limited workspaces)
+        self.pass_id = uuid.uuid4().hex  # written on every device this pull lists
 
     # -- organisations -----------------------------------------------------------------
 
@@ -192,13 +211,11 @@ class _Pull:
             return
         now = self.clock.now()
         devices = list({d.external_id: d for page in pages for d in page.devices}.values())
-        try:
-            with gdb.transaction(self.sessions) as session:
-                self._write(session, devices, now)
-                _save_cursor(session, self.connection, pages[-1].cursor, now)
-        except BaseException:
-            self.seats.clear()  # the counts may include rolled-back devices: reload them
-            raise
+        with gdb.transaction(self.sessions) as session:
+            # Written first: on SQLite this takes the database's write lock, so no other pull
+            # admits a device between the seat count below and this commit (M3).
+            _save_cursor(session, self.connection, pages[-1].cursor, now)
+            self._write(session, devices, now)
         self.summary.pages += len(pages)
         self.summary.devices_seen += len(devices)
         log.info(
@@ -207,6 +224,7 @@ class _Pull:
 
     def _write(self, session: Session, devices: list[RmmDevice], now: datetime) -> None:
         self._learn_unknown_orgs(session, devices, now)
+        seats = self._count_seats(session, devices)
         existing = {
             row["external_id"]: row
             for row in session.execute(
@@ -227,14 +245,13 @@ class _Pull:
                 )
             ).mappings()
         }
-        self._load_seats(session, devices)
         inserts: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
         activity: list[tuple[str | int, date]] = []  # (external id of a new device, or device id; day)
         unchanged = 0
         for device in devices:
             old = existing.get(device.external_id)
-            workspace_id, refused = self._place(device, old)
+            workspace_id, refused = self._place(device, old, seats)
             row = {
                 "org_external_id": device.org_external_id[:100],
                 "workspace_id": workspace_id,
@@ -247,7 +264,11 @@ class _Pull:
             }
             if old is None:
                 row.update(
-                    connection=self.connection, external_id=device.external_id[:100], first_seen_at=now, updated_at=now
+                    connection=self.connection,
+                    external_id=device.external_id[:100],
+                    first_seen_at=now,
+                    updated_at=now,
+                    last_seen_pass=self.pass_id,
                 )
                 inserts.append(row)
             elif any(old[key] != value for key, value in row.items()):
@@ -268,6 +289,12 @@ class _Pull:
             new_ids = {external_id: device_id for device_id, external_id in returned}
         if updates:
             session.execute(update(Device), updates)
+        if existing:  # every listed device carries this pull's marker (see _mark_removed)
+            session.execute(
+                update(_DEVICES)
+                .where(_DEVICES.c.id.in_([row["id"] for row in existing.values()]))
+                .values(last_seen_pass=self.pass_id)
+            )
         if activity:
             rows = [
                 {"device_id": new_ids[key] if isinstance(key, str) else key, "day": day} for key, day in activity
@@ -298,44 +325,53 @@ class _Pull:
             self.targets[org] = None
             self.summary.unmapped_organizations.append({"external_id": org, "name": ""})
 
-    def _load_seats(self, session: Session, devices: Iterable[RmmDevice]) -> None:
-        wanted = {
-            target.workspace_id
-            for d in devices
-            if (target := self.targets.get(d.org_external_id)) is not None
-            and target.max_devices is not None
-            and target.workspace_id not in self.seats
-        }
+    def _count_seats(self, session: Session, devices: Iterable[RmmDevice]) -> dict[int, _Seats]:
+        """M3: the seats of the limited workspaces this batch places devices in, read under a lock held
+        until commit, so no concurrent pull admits a device in between. On PostgreSQL the workspace rows
+        are locked in id order (two batches never deadlock), FOR NO KEY UPDATE so rows that merely
+        reference a workspace are not held up; on SQLite the batch already holds the only write lock."""
+        wanted = {t.workspace_id for d in devices if (t := self.targets.get(d.org_external_id)) is not None}
         if not wanted:
-            return
-        counts = dict(
+            return {}
+        workspaces = Workspace.__table__
+        limits = dict(
+            session.execute(
+                select(workspaces.c.id, workspaces.c.max_devices)
+                .where(workspaces.c.id.in_(wanted), workspaces.c.max_devices.is_not(None))
+                .order_by(workspaces.c.id)
+                .with_for_update(key_share=True)
+            ).all()
+        )
+        if not limits:
+            return {}
+        taken = dict(
             session.execute(
                 select(_DEVICES.c.workspace_id, func.count())
                 .where(
-                    _DEVICES.c.workspace_id.in_(wanted),
+                    _DEVICES.c.workspace_id.in_(limits),
                     _DEVICES.c.deleted.is_(False),
                     _DEVICES.c.refused_reason.is_(None),
                 )
                 .group_by(_DEVICES.c.workspace_id)
             ).all()
         )
-        for workspace_id in wanted:
-            self.seats[workspace_id] = counts.get(workspace_id, 0)
+        return {workspace_id: _Seats(maximum, taken.get(workspace_id, 0)) for workspace_id, maximum in limits.items()}
 
-    def _place(self, device: RmmDevice, old: Any) -> tuple[int | None, str | None]:
-        """The workspace and refusal reason of ``device`` after this page (M3, G1); keeps seat counts."""
+    def _place(self, device: RmmDevice, old: Any, seats: dict[int, _Seats]) -> tuple[int | None, str | None]:
+        """The workspace and refusal reason of ``device`` after this batch (M3, G1); keeps ``seats`` counted."""
         target = self.targets.get(device.org_external_id)
         old_workspace = old["workspace_id"] if old is not None else None
         held = old_workspace is not None and old["refused_reason"] is None and not old["deleted"]
         if target is None:
             workspace_id, refused = None, None
             self.summary.devices_unmapped += 1
-        elif old_workspace == target.workspace_id and old["refused_reason"] is None:
-            workspace_id, refused = target.workspace_id, None  # already admitted: never refused later
         elif device.deleted:
             workspace_id, refused = target.workspace_id, None  # takes no seat
+        elif held and old_workspace == target.workspace_id:
+            workspace_id, refused = target.workspace_id, None  # holds its seat: never refused later
         else:
-            reason = rules.device_refusal(target.max_devices, self.seats.get(target.workspace_id, 0))
+            seat = seats.get(target.workspace_id)
+            reason = rules.device_refusal(seat.maximum, seat.taken) if seat is not None else None
             if reason is None:
                 workspace_id, refused = target.workspace_id, None
             else:
@@ -344,10 +380,10 @@ class _Pull:
                 if len(self.summary.refusals) < 100:
                     self.summary.refusals.append({"external_id": device.external_id, "reason": refused})
         holds = workspace_id is not None and refused is None and not device.deleted
-        if held and old_workspace in self.seats:
-            self.seats[old_workspace] -= 1
-        if holds and workspace_id in self.seats:
-            self.seats[workspace_id] += 1
+        if held and old_workspace in seats:
+            seats[old_workspace].taken -= 1
+        if holds and workspace_id in seats:
+            seats[workspace_id].taken += 1
         return workspace_id, refused
 
 
@@ -370,7 +406,8 @@ async def pull_devices(
     Consecutive pages are written in one transaction once they hold ``batch_devices`` devices (five
     NinjaOne pages, twenty Datto pages), with the cursor after the last of them: fewer, larger commits
     cost less than one per page. Pages fetched before the RMM fails are still written, so only a crash
-    of the process makes the next pull refetch them (at most one batch).
+    of the process makes the next pull refetch them (at most one batch). A pull that starts from the
+    first page and reaches the last marks the connection's devices it did not list deleted.
     """
     started = time.monotonic()
     summary = PullSummary(connection=connection)
@@ -400,6 +437,10 @@ async def pull_devices(
                 await hand_over()
         await hand_over()
         await hand_over()
+        if summary.resumed_from is None:  # a complete pass: what it did not list is gone from the RMM
+            summary.devices_removed = await asyncio.to_thread(
+                _mark_removed, sessions, connection, pull.pass_id, clock.now()
+            )
     except Exception as exc:
         if storing is not None:
             stored_ok = not isinstance((await asyncio.gather(storing, return_exceptions=True))[0], BaseException)
@@ -421,6 +462,7 @@ async def pull_devices(
         new=summary.devices_new,
         updated=summary.devices_updated,
         refused=summary.devices_refused,
+        removed=summary.devices_removed,
         unmapped_organizations=len(summary.unmapped_organizations),
         seconds=summary.duration_seconds,
     )
@@ -438,8 +480,8 @@ async def pull_connection(
     spec = plugins.adapters().get(settings.plugin)
     if spec is None or spec.role != "rmm":
         raise ConfigError(f"connection {settings.name!r}: plugin {settings.plugin!r} is not an installed RMM adapter")
+    partner_id = int_option(settings.name, settings.options, "partner_id", None)
     adapter = spec.factory(settings, AdapterContext(clock=clock))
-    partner_id = settings.options.get("partner_id")
     try:
         return await pull_devices(
             adapter,  # type: ignore[arg-type]
@@ -447,7 +489,7 @@ async def pull_connection(
             sessions,
             clock=clock,
             auto_map=settings.auto_map,
-            partner_id=int(partner_id) if partner_id is not None else None,
+            partner_id=partner_id,
             plugins=plugins,
         )
     finally:
@@ -555,7 +597,6 @@ def _targets(session: Session, connection: str) -> dict[str, _Target | None]:
             ExternalMapping.external_id,
             Workspace.id,
             Workspace.name,
-            Workspace.max_devices,
             Customer.timezone,
         )
         .select_from(ExternalMapping)
@@ -563,12 +604,12 @@ def _targets(session: Session, connection: str) -> dict[str, _Target | None]:
         .outerjoin(Customer, Customer.id == Workspace.customer_id)
         .where(ExternalMapping.connection == connection, ExternalMapping.kind == MappingKind.RMM_ORG)
     )
-    for external_id, workspace_id, name, max_devices, tz in rows:
+    for external_id, workspace_id, name, tz in rows:
         if workspace_id is None:
             targets[external_id] = None
             continue
         zone = zones.get(tz) or zones.setdefault(tz, rules.zone(tz or "UTC"))
-        targets[external_id] = _Target(workspace_id, name, max_devices, zone)
+        targets[external_id] = _Target(workspace_id, name, zone)
     return targets
 
 
@@ -613,6 +654,24 @@ def _save_cursor(session: Session, connection: str, cursor: str | None, now: dat
         .where(ConnectionState.__table__.c.connection == connection)
         .values(cursor=cursor, updated_at=now)
     )
+
+
+def _mark_removed(sessions: sessionmaker[Session], connection: str, pass_id: str, now: datetime) -> int:
+    """After a complete pass: the connection's devices it did not list are deleted and free their seats."""
+    with gdb.transaction(sessions) as session:
+        result = session.execute(
+            update(_DEVICES)
+            .where(
+                _DEVICES.c.connection == connection,
+                _DEVICES.c.deleted.is_(False),
+                or_(_DEVICES.c.last_seen_pass.is_(None), _DEVICES.c.last_seen_pass != pass_id),
+            )
+            .values(deleted=True, updated_at=now)
+        )
+    removed = result.rowcount
+    if removed:
+        log.info("pull.removed", connection=connection, devices=removed)
+    return removed
 
 
 def _store_quietly(pull: _Pull, pages: list[DevicePage]) -> None:

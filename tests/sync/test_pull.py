@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.core import db as gdb
@@ -23,7 +24,7 @@ from gateway.plugins.datto_rmm.client import DattoRmmAdapter
 from gateway.plugins.ninjaone import protocol as ninja_protocol
 from gateway.plugins.ninjaone import simulator as ninja_sim
 from gateway.plugins.ninjaone.client import NinjaOneAdapter
-from gateway.sync.devices import map_organization, pull_all, pull_devices, unmapped_organizations
+from gateway.sync.devices import map_organization, pull_all, pull_connection, pull_devices, unmapped_organizations
 from gateway.sync.http import Connector, OAuth2ClientCredentials, OAuth2PasswordGrant, RateLimit
 
 
@@ -185,6 +186,31 @@ async def test_g1_auto_map_without_a_partner_is_a_config_error(ninja, adapters, 
         await pull_devices(adapters(base_url), "ninja", db, clock=clock, auto_map=True)
 
 
+async def test_g1_auto_map_partner_option_must_be_a_partner_id(ninja, db, clock) -> None:
+    _, base_url = await ninja(organizations=2, devices=10)
+    with gdb.transaction(db) as session:
+        session.add_all([Partner(name="MSP One", created_at=clock.now()), Partner(name="MSP Two", created_at=clock.now())])
+        session.flush()
+        second = session.scalar(select(Partner.id).where(Partner.name == "MSP Two"))
+    creds = {"client_id": ninja_sim.DEFAULT_CLIENT_ID, "client_secret": ninja_sim.DEFAULT_CLIENT_SECRET}
+    plugins = get_plugin_manager(load_entry_points=False)
+
+    def connection(partner_id: Any) -> ConnectionSettings:
+        return ConnectionSettings(
+            name="ninja", plugin="ninjaone", base_url=base_url, credentials=creds, auto_map=True,
+            options={"partner_id": partner_id},
+        )
+
+    for bad in ("MSP Two", 0, True, 1.5):
+        with pytest.raises(ConfigError) as caught:
+            await pull_connection(connection(bad), db, plugins, clock=clock)
+        assert str(caught.value) == f"connection 'ninja': options.partner_id must be a whole number of at least 1, got {bad!r}"
+    summary = await pull_connection(connection(str(second)), db, plugins, clock=clock)
+    assert len(summary.auto_mapped) == 2
+    with db() as session:
+        assert set(session.scalars(select(Customer.partner_id))) == {second}
+
+
 # --- M3: maximum device count ---------------------------------------------------------------
 
 
@@ -225,6 +251,73 @@ async def test_m3_refused_devices_are_admitted_once_the_workspace_has_room(ninja
     assert summary.devices_refused == 5
     with db() as session:
         assert session.scalar(select(func.count()).select_from(Device).where(Device.workspace_id == workspaces["1"])) == 15
+
+
+async def test_m3_devices_removed_from_the_rmm_free_their_seats_after_a_complete_pass(ninja, adapters, db, clock) -> None:
+    app, base_url = await ninja(organizations=1, devices=20)
+    workspace = map_orgs(db, clock, "ninja", {"1": {"max_devices": 15}})["1"]
+    adapter = adapters(base_url, page_size=6)
+
+    def admitted_ids() -> set[int]:
+        with db() as session:
+            return {
+                int(d.external_id)
+                for d in session.scalars(
+                    select(Device).where(Device.workspace_id == workspace, Device.deleted.is_(False))
+                )
+            }
+
+    first = await pull_devices(adapter, "ninja", db, clock=clock)
+    assert (first.devices_refused, first.devices_removed) == (5, 0)
+    gone = sorted(admitted_ids())[:6]
+    app[ninja_sim.STATE].remove_devices(gone)
+
+    second = await pull_devices(adapter, "ninja", db, clock=clock)
+    assert second.devices_removed == 6
+    with db() as session:
+        removed = session.scalars(select(Device).where(Device.deleted.is_(True))).all()
+        assert sorted(int(d.external_id) for d in removed) == gone
+        assert {d.workspace_id for d in removed} == {workspace}  # kept, but without a seat
+    assert len(admitted_ids()) == 9
+
+    third = await pull_devices(adapter, "ninja", db, clock=clock)  # the freed seats take the refused devices
+    assert (third.devices_refused, third.devices_removed) == (0, 0)
+    assert len(admitted_ids()) == 14
+
+    # removed devices that come back need a free seat, like new ones: one is left
+    app[ninja_sim.STATE].removed.clear()
+    fourth = await pull_devices(adapter, "ninja", db, clock=clock)
+    assert fourth.devices_refused == 5
+    assert len(admitted_ids()) == 15
+    with db() as session:
+        refused = session.scalars(select(Device).where(Device.refused_reason.is_not(None))).all()
+        assert {int(d.external_id) for d in refused} < set(gone)
+        assert all(d.workspace_id is None and "maximum of 15" in d.refused_reason for d in refused)
+
+
+async def test_m3_a_pull_resumed_from_a_stored_cursor_marks_no_device_removed(ninja, adapters, db, clock) -> None:
+    app, base_url = await ninja(organizations=1, devices=30)
+    map_orgs(db, clock, "ninja", {"1": {}})
+    adapter = adapters(base_url, page_size=10, max_attempts=1)
+    await pull_devices(adapter, "ninja", db, clock=clock)
+    # the next pull stores its first page, then the RMM fails: the cursor stays after device 10
+    app[ninja_sim.FAULTS].allow(2).fail(1, status=500)
+    with pytest.raises(TransientError):
+        await pull_devices(adapter, "ninja", db, clock=clock, batch_devices=10)
+    app[ninja_sim.STATE].remove_devices([5, 25])
+
+    resumed = await pull_devices(adapter, "ninja", db, clock=clock)
+    assert resumed.resumed_from == "10"
+    assert resumed.devices_seen == 19  # 11-30 without 25; 1-10 were not listed by this pull
+    assert resumed.devices_removed == 0
+    with db() as session:
+        assert session.scalar(select(func.count()).select_from(Device).where(Device.deleted.is_(True))) == 0
+
+    complete = await pull_devices(adapter, "ninja", db, clock=clock)
+    assert complete.resumed_from is None and complete.devices_removed == 2
+    with db() as session:
+        deleted = session.scalars(select(Device.external_id).where(Device.deleted.is_(True))).all()
+        assert sorted(deleted) == ["25", "5"]
 
 
 # --- M5 / S4: activity days in the customer's time zone ------------------------------------
@@ -413,3 +506,51 @@ async def test_g5_one_failing_connection_does_not_stop_the_others(ninja, db, clo
         assert session.get_one(ConnectionState, "bad").consecutive_failures == 1
         assert session.get_one(ConnectionState, "good").last_success_at == clock.now()
         assert "rotated" not in (session.get_one(ConnectionState, "bad").last_error or "")
+
+
+# --- M3 across connections ----------------------------------------------------------------------
+
+
+async def test_m3_two_connections_pulled_together_never_exceed_the_workspace_maximum(ninja, db_engine, db, clock) -> None:
+    # Two NinjaOne instances whose organisation 1 is the same customer: both map it to one workspace.
+    _, first_url = await ninja(organizations=1, devices=30)
+    _, second_url = await ninja(organizations=1, devices=30)
+    workspace = map_orgs(db, clock, "ninja-a", {"1": {"max_devices": 10}})["1"]
+    with gdb.transaction(db) as session:
+        session.add(
+            ExternalMapping(
+                connection="ninja-b", kind="rmm_org", external_id="1", workspace_id=workspace,
+                customer_id=session.get_one(Workspace, workspace).customer_id,
+                first_seen_at=clock.now(), last_seen_at=clock.now(),
+            )
+        )
+    creds = {"client_id": ninja_sim.DEFAULT_CLIENT_ID, "client_secret": ninja_sim.DEFAULT_CLIENT_SECRET}
+    settings = Settings(
+        connections=[
+            ConnectionSettings(name=name, plugin="ninjaone", base_url=url, credentials=creds, options={"page_size": 10})
+            for name, url in (("ninja-a", first_url), ("ninja-b", second_url))
+        ]
+    )
+    # Each pull's first seat count waits (briefly) for the other's: unless the count is taken under a
+    # lock that makes the second pull wait for the first one's commit, both count the same free seats.
+    meeting, counted = threading.Barrier(2), []
+
+    def meet(connection: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "GROUP BY devices.workspace_id" in statement and len(counted) < 2:
+            counted.append(statement)
+            try:
+                meeting.wait(timeout=0.5)
+            except threading.BrokenBarrierError:
+                pass  # the other pull is waiting for our lock
+
+    event.listen(db_engine, "after_cursor_execute", meet)
+    try:
+        results = await pull_all(settings, db, get_plugin_manager(load_entry_points=False), clock=clock)
+    finally:
+        event.remove(db_engine, "after_cursor_execute", meet)
+    assert len(counted) == 2
+    assert sum(r.devices_refused for r in results.values()) == 60 - 10
+    with db() as session:
+        admitted = session.scalar(select(func.count()).select_from(Device).where(Device.workspace_id == workspace))
+        assert admitted == 10
+        assert session.scalar(select(func.count()).select_from(Device).where(Device.refused_reason.is_not(None))) == 50

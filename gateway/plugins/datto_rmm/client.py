@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from gateway.adapters import AdapterContext, DevicePage, RmmOrganization
-from gateway.errors import AuthError, ConfigError, PermanentError
+from gateway.errors import AuthError, PermanentError
 from gateway.plugins.datto_rmm import protocol
+from gateway.plugins.psa_common import int_option
+from gateway.plugins.rmm_common import naming
 from gateway.sync.http import Connector, HttpResponse, OAuth2PasswordGrant
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from gateway.core.settings import ConnectionSettings
-
-T = TypeVar("T")
 
 
 class DattoRmmAdapter:
@@ -28,18 +28,18 @@ class DattoRmmAdapter:
         page: int | None = 0
         while page is not None:
             response = await self._get(protocol.SITES_PATH, protocol.page_params(page, self.page_size))
-            found, page = self._parse(protocol.parse_sites, response.json(), page)
+            with naming(self.connector.name):
+                found, page = protocol.parse_sites(response.json(), page)
             sites.extend(found)
         return sites
 
     async def fetch_devices(self, cursor: str | None = None) -> AsyncIterator[DevicePage]:
-        try:
+        with naming(self.connector.name):
             page = protocol.cursor_to_page(cursor)
-        except PermanentError as exc:
-            raise PermanentError(str(exc), connection=self.connector.name) from None
         while True:
             response = await self._get(protocol.DEVICES_PATH, protocol.page_params(page, self.page_size))
-            result = self._parse(protocol.parse_device_page, response.json(), page)
+            with naming(self.connector.name):
+                result = protocol.parse_device_page(response.json(), page)
             yield result
             if result.cursor is None:
                 return
@@ -62,23 +62,12 @@ class DattoRmmAdapter:
                 status=403,
             ) from None
 
-    def _parse(self, parse: Callable[[Any, int], T], body: Any, page: int) -> T:
-        try:
-            return parse(body, page)
-        except PermanentError as exc:
-            if exc.connection:
-                raise
-            raise PermanentError(str(exc), connection=self.connector.name) from None
-
 
 def build(settings: "ConnectionSettings", context: AdapterContext) -> DattoRmmAdapter:
     """The factory registered for ``plugin = "datto_rmm"``."""
-    page_size = settings.options.get("page_size", protocol.DEFAULT_PAGE_SIZE)
-    if not isinstance(page_size, int) or not 1 <= page_size <= protocol.MAX_PAGE_SIZE:
-        raise ConfigError(
-            f"connection {settings.name!r}: options.page_size must be a whole number from 1 to "
-            f"{protocol.MAX_PAGE_SIZE}"
-        )
+    page_size = int_option(
+        settings.name, settings.options, "page_size", protocol.DEFAULT_PAGE_SIZE, 1, protocol.MAX_PAGE_SIZE
+    )
     auth = OAuth2PasswordGrant(
         settings.base_url + protocol.TOKEN_PATH,
         username=settings.credential("api_key"),

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from gateway.adapters import AdapterContext, DevicePage, RmmOrganization
-from gateway.errors import ConfigError, PermanentError
 from gateway.plugins.ninjaone import protocol
+from gateway.plugins.psa_common import int_option
+from gateway.plugins.rmm_common import naming
 from gateway.sync.http import Connector, OAuth2ClientCredentials
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from gateway.core.settings import ConnectionSettings
-
-T = TypeVar("T")
 
 
 class NinjaOneAdapter:
@@ -30,7 +29,8 @@ class NinjaOneAdapter:
             response = await self.connector.request(
                 "GET", protocol.ORGANIZATIONS_PATH, params=protocol.page_params(after, self.page_size)
             )
-            page, after = self._parse(protocol.parse_organizations, response.json(), self.page_size)
+            with naming(self.connector.name):
+                page, after = protocol.parse_organizations(response.json(), self.page_size)
             organizations.extend(page)
             if after is None:
                 return organizations
@@ -40,7 +40,8 @@ class NinjaOneAdapter:
             response = await self.connector.request(
                 "GET", protocol.DEVICES_PATH, params=protocol.page_params(cursor, self.page_size)
             )
-            page = self._parse(protocol.parse_device_page, response.json(), self.page_size)
+            with naming(self.connector.name):
+                page = protocol.parse_device_page(response.json(), self.page_size)
             yield page
             if page.cursor is None:
                 return
@@ -49,23 +50,12 @@ class NinjaOneAdapter:
     async def aclose(self) -> None:
         await self.connector.aclose()
 
-    def _parse(self, parse: Callable[[Any, int], T], body: Any, page_size: int) -> T:
-        try:
-            return parse(body, page_size)
-        except PermanentError as exc:
-            if exc.connection:
-                raise
-            raise PermanentError(str(exc), connection=self.connector.name) from None
-
 
 def build(settings: "ConnectionSettings", context: AdapterContext) -> NinjaOneAdapter:
     """The factory registered for ``plugin = "ninjaone"``."""
-    page_size = settings.options.get("page_size", protocol.DEFAULT_PAGE_SIZE)
-    if not isinstance(page_size, int) or not 1 <= page_size <= protocol.MAX_PAGE_SIZE:
-        raise ConfigError(
-            f"connection {settings.name!r}: options.page_size must be a whole number from 1 to "
-            f"{protocol.MAX_PAGE_SIZE}"
-        )
+    page_size = int_option(
+        settings.name, settings.options, "page_size", protocol.DEFAULT_PAGE_SIZE, 1, protocol.MAX_PAGE_SIZE
+    )
     auth = OAuth2ClientCredentials(
         settings.base_url + protocol.TOKEN_PATH,
         settings.credential("client_id"),

@@ -29,6 +29,7 @@ sizes up front (small), devices lazily from their index, so 100,000 devices cost
 memory until a page is asked for. ``lastContact`` is spread over the last ~40 days
 relative to the simulator's clock: online devices (about 72%) keep checking in as the
 clock moves, the others stay where they stopped; devices not seen for five minutes are offline.
+Removed devices (``remove_devices``) are simply no longer listed, as in NinjaOne.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import itertools
 import random
 import secrets
 import uuid
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -95,6 +97,7 @@ class NinjaOneState:
         self._cumulative = list(itertools.accumulate(weights))
         self._locations = [1 + rng.randrange(3) for _ in range(organizations)]
         self.device_count = devices
+        self.removed: set[int] = set()  # ids of devices removed from the instance
         self.tokens: dict[str, tuple[int, datetime]] = {}
         self.api_requests = 0
         self.token_requests = 0
@@ -103,6 +106,10 @@ class NinjaOneState:
     def add_devices(self, count: int) -> None:
         """New devices enrol (they get the next ids)."""
         self.device_count += count
+
+    def remove_devices(self, ids: Iterable[int]) -> None:
+        """Devices are removed: they are no longer listed, and their ids are not reused."""
+        self.removed.update(ids)
 
     def device(self, index: int, now: datetime) -> dict[str, Any]:
         """Device number ``index`` (id ``index + 1``) as ``GET /v2/devices`` shows it at ``now``."""
@@ -233,8 +240,13 @@ async def _devices(request: web.Request) -> web.Response:
     state: NinjaOneState = request.app[STATE]
     size, after = _page_args(request)
     now = state.clock.now()
-    end = min(after + size, state.device_count)
-    return web.json_response([state.device(i, now) for i in range(after, end)])
+    page: list[dict[str, Any]] = []
+    index = after  # ids are index + 1: the first id after ``after``
+    while len(page) < size and index < state.device_count:
+        if index + 1 not in state.removed:
+            page.append(state.device(index, now))
+        index += 1
+    return web.json_response(page)
 
 
 def create_app(

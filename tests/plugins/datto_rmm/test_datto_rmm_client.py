@@ -12,7 +12,7 @@ from aiohttp import web
 from gateway.adapters import AdapterContext, RmmAdapter
 from gateway.core.clock import FrozenClock
 from gateway.core.settings import ConnectionSettings
-from gateway.errors import AuthError, PermanentError
+from gateway.errors import AuthError, ConfigError, PermanentError
 from gateway.plugins import get_plugin_manager
 from gateway.plugins.datto_rmm import protocol, simulator
 from gateway.plugins.datto_rmm.client import DattoRmmAdapter
@@ -199,3 +199,49 @@ async def test_registered_factory_builds_a_working_adapter(datto, frozen) -> Non
         assert adapter.connector.rate_limit == protocol.DEFAULT_RATE_LIMIT
     finally:
         await adapter.aclose()
+
+
+def test_factory_reports_bad_options(frozen) -> None:
+    spec = get_plugin_manager(load_entry_points=False).adapters()["datto_rmm"]
+    settings = ConnectionSettings(
+        name="d1", plugin="datto_rmm", base_url="http://127.0.0.1:9", credentials={"api_key": "a", "api_secret": "b"}
+    )
+    for bad in (251, -1, False, "lots", 10.0):
+        with pytest.raises(ConfigError) as caught:
+            spec.factory(settings.model_copy(update={"options": {"page_size": bad}}), AdapterContext(clock=frozen))
+        assert str(caught.value) == f"connection 'd1': options.page_size must be a whole number from 1 to 250, got {bad!r}"
+    assert spec.factory(settings, AdapterContext(clock=frozen)).page_size == protocol.DEFAULT_PAGE_SIZE
+
+
+@pytest.mark.parametrize("body", [b"<html>maintenance</html>", b'{"devices": [], "pageDetails": null}',
+                                  b'{"devices": [{"uid": "x"}], "pageDetails": {}}'])
+async def test_an_unreadable_device_page_is_a_permanent_error_naming_the_connection(
+    aiohttp_server, adapters, frozen, body
+) -> None:
+    # The second device page comes back unreadable: not JSON, no pageDetails, a device without siteUid.
+    app = simulator.create_app(devices=30, clock=frozen, slowdown_seconds=0.0)
+    served: list[str] = []
+
+    @web.middleware
+    async def spoil(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == protocol.DEVICES_PATH:
+            served.append(request.query_string)
+            if len(served) == 2:
+                return web.Response(body=body, content_type="application/json")
+        return await handler(request)
+
+    app.middlewares.append(spoil)
+    server = await aiohttp_server(app)
+    adapter = adapters(str(server.make_url("")).rstrip("/"), page_size=10)
+    with pytest.raises(PermanentError) as caught:
+        await collect(adapter)
+    assert type(caught.value) is PermanentError
+    assert caught.value.connection == "datto"
+    assert str(caught.value).startswith("datto: ")
+    assert len(served) == 2  # not retried
+
+
+async def test_a_bad_stored_cursor_is_a_permanent_error_naming_the_connection(adapters) -> None:
+    adapter = adapters("http://127.0.0.1:9")
+    with pytest.raises(PermanentError, match="^datto: stored Datto RMM cursor 'page-3' is not a page number"):
+        await collect(adapter, "page-3")

@@ -11,7 +11,7 @@ from aiohttp import web
 from gateway.adapters import AdapterContext, RmmAdapter
 from gateway.core.clock import FrozenClock
 from gateway.core.settings import ConnectionSettings
-from gateway.errors import AuthError, ConfigError, RateLimited
+from gateway.errors import AuthError, ConfigError, PermanentError, RateLimited
 from gateway.plugins import get_plugin_manager
 from gateway.plugins.ninjaone import protocol, simulator
 from gateway.plugins.ninjaone.client import NinjaOneAdapter
@@ -188,11 +188,17 @@ def test_factory_reports_missing_credentials_and_bad_options(frozen) -> None:
     settings = ConnectionSettings(name="n1", plugin="ninjaone", base_url="http://127.0.0.1:9", credentials={})
     with pytest.raises(ConfigError, match="client_id"):
         spec.factory(settings, AdapterContext(clock=frozen))
-    settings = settings.model_copy(
-        update={"credentials": {"client_id": "a", "client_secret": "b"}, "options": {"page_size": 5000}}
+    settings = ConnectionSettings(
+        name="n1", plugin="ninjaone", base_url="http://127.0.0.1:9", credentials={"client_id": "a", "client_secret": "b"}
     )
-    with pytest.raises(ConfigError, match="page_size"):
-        spec.factory(settings, AdapterContext(clock=frozen))
+    for bad in (5000, 0, True, "many", 2.5, "²"):
+        with pytest.raises(ConfigError) as caught:
+            spec.factory(settings.model_copy(update={"options": {"page_size": bad}}), AdapterContext(clock=frozen))
+        assert str(caught.value) == (
+            f"connection 'n1': options.page_size must be a whole number from 1 to 1000, got {bad!r}"
+        )
+    adapter = spec.factory(settings.model_copy(update={"options": {"page_size": "250"}}), AdapterContext(clock=frozen))
+    assert adapter.page_size == 250  # a number written as text (e.g. from the environment) is fine
 
 
 async def test_server_errors_slow_and_dropped_responses_are_retried(ninja, adapters) -> None:
@@ -203,3 +209,30 @@ async def test_server_errors_slow_and_dropped_responses_are_retried(ninja, adapt
     assert sum(len(p.devices) for p in pages) == 2500
     assert app[simulator.FAULTS].pending == 0
     assert adapter.connector.stats.retries >= 4
+
+
+@pytest.mark.parametrize("body", [b"<html>maintenance</html>", b'{"devices": []}', b'[{"id": 7}]'])
+async def test_an_unreadable_device_page_is_a_permanent_error_naming_the_connection(
+    aiohttp_server, adapters, frozen, body
+) -> None:
+    # The second device page comes back unreadable: not JSON, not an array, a device without organizationId.
+    app = simulator.create_app(devices=30, clock=frozen)
+    served: list[str] = []
+
+    @web.middleware
+    async def spoil(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == protocol.DEVICES_PATH:
+            served.append(request.query_string)
+            if len(served) == 2:
+                return web.Response(body=body, content_type="application/json")
+        return await handler(request)
+
+    app.middlewares.append(spoil)
+    server = await aiohttp_server(app)
+    adapter = adapters(str(server.make_url("")).rstrip("/"), page_size=10)
+    with pytest.raises(PermanentError) as caught:
+        await collect(adapter)
+    assert type(caught.value) is PermanentError
+    assert caught.value.connection == "ninja"
+    assert str(caught.value).startswith("ninja: ")
+    assert len(served) == 2  # not retried
