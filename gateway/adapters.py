@@ -190,3 +190,5 @@ class AdapterSpec:
     required_credentials: tuple[str, ...] = ()
     default_options: Mapping[str, Any] = field(default_factory=dict)
     simulator: Callable[..., "web.Application"] | None = None
+    #: The webhook scheme a connection of this kind uses unless it sets ``webhook_scheme`` (G4).
+    webhook_scheme: str | None = None

@@ -92,7 +92,7 @@ class GatewayPluginManager:
             try:
                 results.append((impl.plugin_name, impl.function(**args)))
             except Exception as exc:  # a plugin's fault must not stop the gateway
-                self._report(impl.plugin_name, hook_name, exc)
+                self.report_failure(impl.plugin_name, hook_name, exc)
         return results
 
     async def call_each_async(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
@@ -103,12 +103,13 @@ class GatewayPluginManager:
                 try:
                     value = await value
                 except Exception as exc:
-                    self._report(plugin_name, hook_name, exc)
+                    self.report_failure(plugin_name, hook_name, exc)
                     continue
             results.append((plugin_name, value))
         return results
 
-    def _report(self, plugin_name: str, hook_name: str, exc: BaseException) -> None:
+    def report_failure(self, plugin_name: str, hook_name: str, exc: BaseException) -> None:
+        """Record and log a plugin's failure in a hook (G5); also for faults the caller finds in a hook's result."""
         self.failures.append(PluginFailure(plugin_name, f"{hook_name}: {type(exc).__name__}: {exc}"))
         log.error("plugin.hook_failed", plugin=plugin_name, hook=hook_name, error=f"{type(exc).__name__}: {exc}")
 

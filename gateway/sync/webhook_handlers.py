@@ -1,0 +1,164 @@
+"""Built-in webhook handlers: what a verified event changes in the canonical state.
+
+Events in the Standard Webhooks payload shape ``{"type", "timestamp", "data"}``:
+
+- ``device.online`` / ``device.offline`` from an RMM connection:
+  ``data.device_id`` is the RMM's id of the device, ``data.last_contact``
+  (ISO 8601, optional) when it checked in; without it the sender's timestamp,
+  else the time of receipt, is used.
+- ``invoice.paid`` from a PSA connection: ``data.invoice_id`` is the PSA's id of
+  the invoice (the ``Delivery.external_id`` the push recorded), ``data.paid_at``
+  optional.
+
+A tool whose webhooks have another shape translates them in its own plugin's
+``gateway_webhook_received`` and calls :func:`record_device_status` or
+:func:`mark_bill_paid` with ``event.session``.
+
+Decisions: an event about a device or invoice the gateway does not know is
+logged and ignored (the next pull brings the device; retrying would not help).
+An authentic event that is malformed is logged and ignored for the same reason.
+A late ``device.offline`` (older than the last contact) does not override a
+newer check-in. Activity is recorded for the customer-local day of the check-in
+(S4); a device not mapped to a workspace, refused (M3) or deleted gets none,
+because no customer day applies and it is not billed (G1).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import structlog
+from sqlalchemy import bindparam, select
+from sqlalchemy.orm import Session
+
+from gateway.core.models import Bill, BillStatus, Customer, Delivery, Device, DeviceActivity, Workspace
+from gateway.hookspecs import hookimpl
+from gateway.sync.webhooks import WebhookEvent
+
+log = structlog.get_logger(__name__)
+
+DEVICE_ONLINE = "device.online"
+DEVICE_OFFLINE = "device.offline"
+INVOICE_PAID = "invoice.paid"
+
+
+@hookimpl
+def gateway_webhook_received(connection: str, event: WebhookEvent) -> None:
+    if event.type not in (DEVICE_ONLINE, DEVICE_OFFLINE, INVOICE_PAID) or event.session is None:
+        return
+    data = event.payload.get("data")
+    received_at = event.received_at or event.timestamp
+    if received_at is None:  # not from the receiver: nothing to date the change with
+        return
+    if not isinstance(data, dict):
+        log.warning("webhook.ignored", connection=connection, event_id=event.id, reason="no data object")
+        return
+    if event.type == INVOICE_PAID:
+        invoice_id = _text(data.get("invoice_id"))
+        if invoice_id is None:
+            log.warning("webhook.ignored", connection=connection, event_id=event.id, reason="no data.invoice_id")
+            return
+        paid_at = min(_time(data.get("paid_at")) or event.timestamp or received_at, received_at)
+        mark_bill_paid(event.session, connection, invoice_id, paid_at=paid_at)
+        return
+    device_id = _text(data.get("device_id"))
+    if device_id is None:
+        log.warning("webhook.ignored", connection=connection, event_id=event.id, reason="no data.device_id")
+        return
+    # A check-in cannot be later than its arrival; a sender clock running fast must not move activity ahead.
+    at = min(_time(data.get("last_contact")) or event.timestamp or received_at, received_at)
+    online = event.type == DEVICE_ONLINE
+    record_device_status(event.session, connection, device_id, online=online, at=at, now=received_at)
+
+
+def record_device_status(
+    session: Session, connection: str, external_id: str, *, online: bool, at: datetime, now: datetime
+) -> int | None:
+    """Set a device online (recording the check-in and its activity day) or offline; its id, or None if unknown."""
+    # Prepared Core statements on the session's connection: this runs for every device event.
+    db = session.connection()
+    device = db.execute(_DEVICE_STATE, {"connection": connection, "external_id": external_id}).one_or_none()
+    if device is None or device.deleted:
+        log.info("webhook.device_unknown", connection=connection, device=external_id)
+        return None
+    newest = device.last_contact is None or at >= device.last_contact  # a late event does not override a newer one
+    db.execute(
+        _SET_DEVICE_STATE,
+        {
+            "device_id": device.id,
+            "new_online": online if newest else device.online,
+            "new_last_contact": at if newest and online else device.last_contact,
+            "new_updated_at": now,
+        },
+    )
+    if online and device.workspace_id is not None and not device.refused_reason:
+        day = at.astimezone(ZoneInfo(device.timezone or "UTC")).date()
+        if db.execute(_ACTIVITY_SEEN, {"device_id": device.id, "day": day}).first() is None:
+            db.execute(_ADD_ACTIVITY, {"device_id": device.id, "day": day})
+    return device.id
+
+
+_DEVICE_STATE = (
+    select(
+        Device.id, Device.online, Device.last_contact, Device.deleted, Device.workspace_id, Device.refused_reason,
+        Customer.timezone,
+    )
+    .outerjoin(Workspace, Workspace.id == Device.workspace_id)
+    .outerjoin(Customer, Customer.id == Workspace.customer_id)
+    .where(Device.connection == bindparam("connection"), Device.external_id == bindparam("external_id"))
+)
+_SET_DEVICE_STATE = (
+    Device.__table__.update()
+    .where(Device.__table__.c.id == bindparam("device_id"))
+    .values(
+        online=bindparam("new_online"),
+        last_contact=bindparam("new_last_contact"),
+        updated_at=bindparam("new_updated_at"),
+    )
+)
+_ACTIVITY_SEEN = select(DeviceActivity.device_id).where(
+    DeviceActivity.device_id == bindparam("device_id"), DeviceActivity.day == bindparam("day")
+)
+_ADD_ACTIVITY = DeviceActivity.__table__.insert()
+
+
+def mark_bill_paid(session: Session, connection: str, invoice_external_id: str, *, paid_at: datetime) -> Bill | None:
+    """Mark the bill delivered to ``connection`` as ``invoice_external_id`` paid; None if unknown or void."""
+    delivery = session.scalars(
+        select(Delivery)
+        .where(Delivery.connection == connection, Delivery.external_id == invoice_external_id)
+        .order_by(Delivery.id)
+    ).first()
+    if delivery is None:
+        log.info("webhook.invoice_unknown", connection=connection, invoice=invoice_external_id)
+        return None
+    bill = session.get(Bill, delivery.bill_id)
+    if bill is None or bill.status == BillStatus.VOID:
+        log.warning(
+            "webhook.invoice_paid_ignored", connection=connection, invoice=invoice_external_id, reason="bill is void"
+        )
+        return None
+    if bill.status != BillStatus.PAID:
+        bill.status = BillStatus.PAID
+        bill.paid_at = paid_at
+        log.info("bill.paid", bill=bill.number, connection=connection, invoice=invoice_external_id)
+    return bill
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    return value if isinstance(value, str) and 0 < len(value) <= 100 else None
+
+
+def _time(value: Any) -> datetime | None:
+    """An ISO 8601 time as aware UTC (naive means UTC); None when absent or unreadable."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
