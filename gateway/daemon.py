@@ -30,10 +30,12 @@ from aiohttp import web
 from gateway.app import Gateway
 from gateway.sync.scheduler import AdvisoryLock, Leadership, ScheduledJob, Scheduler
 from gateway.web.app import create_app
+from gateway.web.metrics import get_metrics
 
 log = structlog.get_logger(__name__)
 
 SCHEDULER = web.AppKey("scheduler", Scheduler)
+SCHEDULER_EXTRA = "scheduler"
 
 
 def worker_id() -> str:
@@ -63,11 +65,20 @@ def build_jobs(gateway: Gateway, scheduler_stop: asyncio.Event, worker: str) -> 
     from gateway.sync.outbox import deliver_until_idle
 
     settings = gateway.settings
+    metrics = get_metrics(gateway)
     jobs: list[ScheduledJob] = []
     for connection in gateway.connections("rmm"):
 
         async def pull(connection=connection) -> Any:  # type: ignore[no-untyped-def]
-            return await pull_connection(connection, gateway.db, gateway.plugins, clock=gateway.clock)
+            try:
+                summary = await pull_connection(connection, gateway.db, gateway.plugins, clock=gateway.clock)
+            except Exception:
+                metrics.pull(connection.name, "error")
+                raise
+            metrics.pull(connection.name, "ok")
+            metrics.retry(connection.name, summary.retries)
+            metrics.rate_limited(connection.name, summary.throttled)
+            return summary
 
         jobs.append(ScheduledJob(f"pull:{connection.name}", connection.poll_interval_seconds,
                                  exclusive(gateway, f"pull:{connection.name}", pull)))
@@ -107,6 +118,7 @@ def build_daemon_app(gateway: Gateway, *, scheduler: bool | None = None) -> web.
         instance = Scheduler(build_jobs(gateway, stop, worker), Leadership(gateway.engine),
                              notify=_notifier(gateway), stop_event=stop)
         app[SCHEDULER] = instance
+        gateway.extras[SCHEDULER_EXTRA] = instance  # /readyz shows the jobs' state
         instance.start()
         log.info("daemon.scheduler_started", worker=worker, jobs=[c.name for c in instance.coordinators])
         yield

@@ -125,3 +125,36 @@ def session(db: sessionmaker[Session]) -> Iterator[Session]:
 def clock() -> FrozenClock:
     """10 March 2026, 12:00 UTC, unless a test moves it."""
     return FrozenClock(datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc))
+
+
+@pytest.fixture
+def ninja_simulator_url():
+    """The NinjaOne simulator (3 organisations, 30 devices) on a loopback port, in a thread of its own,
+    for tests that run the CLI or a subprocess with an event loop of their own."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    from gateway.plugins.ninjaone import simulator
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict = {}
+
+    async def start():
+        runner = web.AppRunner(simulator.create_app(organizations=3, devices=30))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        holder["runner"] = runner
+        holder["url"] = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        ready.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
+    thread.start()
+    ready.wait(10)
+    yield holder["url"]
+    asyncio.run_coroutine_threadsafe(holder["runner"].cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)

@@ -3,48 +3,19 @@
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from gateway.cli import main
 from gateway.plugins.ninjaone import simulator
 
 
-@pytest.fixture
-def ninja_url():
-    """The NinjaOne simulator on a loopback port, in a thread of its own (the CLI runs its own event loop)."""
-    import asyncio
-
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict = {}
-
-    async def start():
-        runner = web.AppRunner(simulator.create_app(organizations=3, devices=30))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        holder["runner"] = runner
-        holder["url"] = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        ready.set()
-
-    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
-    thread.start()
-    ready.wait(10)
-    yield holder["url"]
-    asyncio.run_coroutine_threadsafe(holder["runner"].cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-
-
-def test_g1_sync_once_lists_unmapped_then_bills_only_mapped_devices(tmp_path: Path, ninja_url, capsys):
+def test_g1_sync_once_lists_unmapped_then_bills_only_mapped_devices(tmp_path: Path, ninja_simulator_url, capsys):
     config = tmp_path / "gateway.toml"
     config.write_text(
         f'[database]\nurl = "sqlite:///{tmp_path / "g.db"}"\n[[connections]]\nname = "ninja"\nplugin = "ninjaone"\n'
-        f'base_url = "{ninja_url}"\n'
+        f'base_url = "{ninja_simulator_url}"\n'
         f'credentials = {{ client_id = "{simulator.DEFAULT_CLIENT_ID}", client_secret = "{simulator.DEFAULT_CLIENT_SECRET}" }}\n'
     )
     run = lambda *argv: main(["--config", str(config), *argv])  # noqa: E731

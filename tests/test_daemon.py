@@ -51,6 +51,9 @@ def test_run_serves_and_stops_gracefully(tmp_path: Path, stop_signal):
         ready = wait_for(f"http://127.0.0.1:{port}/readyz")
         assert ready["status"] == "ready" and ready["database"]["status"] == "ok"
         time.sleep(0.5)  # let the scheduler run its jobs at least once
+        jobs = wait_for(f"http://127.0.0.1:{port}/readyz")["jobs"]
+        assert {"outbox", "billing", "licensing"} <= set(jobs)
+        assert all(job["runs"] >= 1 and not job["failing"] for job in jobs.values()), jobs
         process.send_signal(stop_signal)
         _, err = process.communicate(timeout=20)
     finally:
@@ -69,3 +72,41 @@ def test_run_refuses_an_out_of_date_schema(tmp_path: Path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "run 'gateway db upgrade' first" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_pulls_each_rmm_connection_on_its_interval_and_counts_it_in_metrics(tmp_path: Path, ninja_simulator_url):
+    from gateway.plugins.ninjaone import simulator
+
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[database]\nurl = "sqlite:///{tmp_path / "g.db"}"\n[server]\nport = {port}\nshutdown_timeout_seconds = 5\n'
+        f'[[connections]]\nname = "ninja"\nplugin = "ninjaone"\nbase_url = "{ninja_simulator_url}"\n'
+        "poll_interval_seconds = 0.3\n"
+        f'credentials = {{ client_id = "{simulator.DEFAULT_CLIENT_ID}", client_secret = "{simulator.DEFAULT_CLIENT_SECRET}" }}\n'
+    )
+    subprocess.run([sys.executable, "-m", "gateway", "--config", str(config), "db", "upgrade"], check=True,
+                   capture_output=True)
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(config), "run"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz")
+        deadline = time.monotonic() + 20
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+            pulls = [line for line in text.splitlines()
+                     if line.startswith('gateway_pulls_total{connection="ninja",outcome="ok"}')]
+            if pulls and float(pulls[0].split()[-1]) >= 2:
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
+        ready = wait_for(f"http://127.0.0.1:{port}/readyz")
+        assert ready["jobs"]["pull:ninja"]["runs"] >= 2
+        assert [c["status"] for c in ready["connections"]] == ["ok"]
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0

@@ -54,6 +54,9 @@ def readiness(gateway: Gateway) -> tuple[bool, dict[str, Any]]:
             database = {"status": "error", "error": f"cannot read connection state: {type(exc).__name__}"}
     connections = [_connection_state(c.name, states.get(c.name)) for c in gateway.settings.connections if c.enabled]
     body = {"status": "ready" if ready else "not_ready", "database": database, "connections": connections}
+    scheduler = gateway.extras.get("scheduler")  # set by the daemon (gateway.daemon.SCHEDULER_EXTRA)
+    if scheduler is not None:
+        body["jobs"] = scheduler.status()
     return ready, body
 
 

@@ -75,11 +75,11 @@ class Metrics:
         """Count one pull of a connection (``outcome``: ok, error)."""
         self._pulls.labels(connection, outcome).inc()
 
-    def retry(self, connection: str) -> None:
-        self._retries.labels(connection).inc()
+    def retry(self, connection: str, count: int = 1) -> None:
+        self._retries.labels(connection).inc(count)
 
-    def rate_limited(self, connection: str) -> None:
-        self._rate_limited.labels(connection).inc()
+    def rate_limited(self, connection: str, count: int = 1) -> None:
+        self._rate_limited.labels(connection).inc(count)
 
     def render(self) -> bytes:
         """The Prometheus text exposition (reads the database: call it off the event loop)."""
