@@ -4,9 +4,10 @@ Finalising a bill writes one :class:`~gateway.core.models.Delivery` row per
 PSA connection of its customer, in the same transaction (the outbox). This
 worker then:
 
-1. **claims** due deliveries in a short transaction: ``FOR UPDATE SKIP LOCKED``
-   on PostgreSQL, so several processes share the work without waiting on each
-   other; on SQLite the single writer serialises the claim. A claim is a lease
+1. **claims** due deliveries with one ``UPDATE … WHERE id IN (SELECT …) RETURNING``:
+   the subquery is ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several processes
+   share the work without waiting on each other; on SQLite the one statement holds
+   the write lock from read to write, so two processes never claim one row. A claim is a lease
    (``claimed_until``): a worker killed mid-push leaves a lease that expires, and
    another worker takes the delivery over.
 2. **pushes** outside any transaction. Each push carries the delivery's
@@ -17,9 +18,11 @@ worker then:
    exponential back-off), in a second short transaction guarded by the lease, so
    a worker whose lease was taken over cannot overwrite the new owner's result.
 
-Transient failures retry up to ``outbox.max_attempts``; permanent ones (a 4xx,
-refused credentials) and exhausted retries are dead-lettered at once, reported
-through ``gateway_notify``, listed by ``gateway deliveries`` and retried by hand.
+Transient failures (and unexpected errors, which must cost an attempt rather than
+leave a delivery leased forever) retry up to ``outbox.max_attempts``; permanent ones
+(a 4xx, refused credentials, a customer no longer mapped) and exhausted retries are
+dead-lettered at once, reported through ``gateway_notify``, listed by ``gateway
+deliveries`` and retried by hand.
 """
 
 from __future__ import annotations
@@ -69,8 +72,8 @@ def claim_due(gateway: Gateway, worker_id: str, *, limit: int) -> list[tuple[int
     now = gateway.clock.now()
     lease = now + timedelta(seconds=gateway.settings.outbox.claim_seconds)
     with transaction(gateway.db) as session:
-        query = (
-            select(Delivery.id, Delivery.connection)
+        due = (
+            select(Delivery.id)
             .where(
                 Delivery.status == DeliveryStatus.PENDING,
                 Delivery.next_attempt_at <= now,
@@ -80,15 +83,21 @@ def claim_due(gateway: Gateway, worker_id: str, *, limit: int) -> list[tuple[int
             .limit(limit)
         )
         if session.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
-        rows = [(row.id, row.connection) for row in session.execute(query)]
-        if rows:
-            session.execute(
-                update(Delivery)
-                .where(Delivery.id.in_([r[0] for r in rows]))
-                .values(claimed_by=worker_id, claimed_until=lease)
-            )
-    return rows
+            due = due.with_for_update(skip_locked=True)
+        # One statement, so the rows read are the rows written: SQLite takes its write lock before it
+        # reads (a SELECT then an UPDATE would each run on their own there, and two workers could
+        # claim one delivery), PostgreSQL skips the rows another worker is claiming.
+        rows = session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(due))
+            .values(claimed_by=worker_id, claimed_until=lease)
+            .returning(Delivery.id, Delivery.connection)
+            .execution_options(synchronize_session=False)
+        ).all()
+    claimed = sorted((row.id, row.connection) for row in rows)
+    if claimed:
+        log.info("outbox.claimed", worker=worker_id, deliveries=len(claimed))
+    return claimed
 
 
 def _retry_delay(gateway: Gateway, attempts: int) -> float:
@@ -116,44 +125,30 @@ async def _deliver_one(
     build: DocumentBuilder,
     result: RoundResult,
 ) -> None:
+    problem: Exception | None = None
+    push: PushResult | None = None
     with gateway.db() as session:
         delivery = session.get(Delivery, delivery_id)
         if delivery is None:
             return
-        attempts = delivery.attempts + 1
-        document = build(session, delivery)
-        connection = delivery.connection
+        attempts, key, connection = delivery.attempts + 1, delivery.key, delivery.connection
+        try:
+            document = build(session, delivery)
+        except GatewayError as exc:  # e.g. the customer is no longer mapped: a person has to act
+            problem = exc
     structlog.contextvars.bind_contextvars(delivery=delivery_id, connection=connection)
     try:
-        push: PushResult = await adapter.push_bill(document)
-    except (TransientError, PermanentError, GatewayError) as exc:
-        now = gateway.clock.now()
-        error = f"{type(exc).__name__}: {exc}"
-        permanent = not isinstance(exc, TransientError)
-        dead = permanent or attempts >= gateway.settings.outbox.max_attempts
-        values: dict[str, object] = {"attempts": attempts, "last_error": error[:2000]}
-        if dead:
-            values["status"] = DeliveryStatus.DEAD
-        else:
-            values["next_attempt_at"] = now + timedelta(seconds=_retry_delay(gateway, attempts))
-        if _record(gateway, delivery_id, worker_id, **values):
-            if dead:
-                result.dead += 1
-                log.error("outbox.dead_lettered", key=document.key, attempts=attempts, error=error)
-                await gateway.plugins.call_each_async(
-                    "gateway_notify",
-                    event="delivery.dead_lettered",
-                    payload={"delivery_id": delivery_id, "connection": connection, "key": document.key,
-                             "attempts": attempts, "error": error},
-                )
-            else:
-                result.failed += 1
-                log.warning("outbox.push_failed", key=document.key, attempts=attempts, error=error)
-        result.errors.append(error)
-        return
+        if problem is None:
+            push = await adapter.push_bill(document)
+    except Exception as exc:  # an adapter's bug must cost an attempt, not leave the delivery leased forever
+        problem = exc
     finally:
         structlog.contextvars.unbind_contextvars("delivery", "connection")
-    if _record(
+    if problem is not None or push is None:
+        await _failed(gateway, delivery_id, worker_id, key, connection, attempts,
+                      problem or PermanentError("the adapter answered the push with nothing"), result)
+        return
+    if not _record(
         gateway,
         delivery_id,
         worker_id,
@@ -163,14 +158,54 @@ async def _deliver_one(
         delivered_at=gateway.clock.now(),
         last_error=None,
     ):
-        if push.created:
-            result.delivered += 1
-        else:
-            result.already_present += 1
-        log.info("outbox.delivered", key=document.key, external_id=push.external_id, created=push.created)
+        log.warning("outbox.lease_lost", key=key, connection=connection, worker=worker_id, external_id=push.external_id)
+        return
+    if push.created:
+        result.delivered += 1
+    else:
+        result.already_present += 1
+    log.info("outbox.delivered", key=key, external_id=push.external_id, created=push.created)
+    await gateway.plugins.call_each_async("gateway_bill_delivered", connection=connection, bill_key=key, result=push)
+
+
+async def _failed(
+    gateway: Gateway,
+    delivery_id: int,
+    worker_id: str,
+    key: str,
+    connection: str,
+    attempts: int,
+    exc: Exception,
+    result: RoundResult,
+) -> None:
+    """Record a failed attempt: retry later (transient, or an unexpected error), or dead-letter it."""
+    now = gateway.clock.now()
+    error = f"{type(exc).__name__}: {exc}"
+    permanent = isinstance(exc, GatewayError) and not isinstance(exc, TransientError)
+    dead = permanent or attempts >= gateway.settings.outbox.max_attempts
+    values: dict[str, object] = {"attempts": attempts, "last_error": error[:2000]}
+    if dead:
+        values["status"] = DeliveryStatus.DEAD
+    else:
+        values["next_attempt_at"] = now + timedelta(seconds=_retry_delay(gateway, attempts))
+    if not isinstance(exc, GatewayError):
+        log.error("outbox.push_error", key=key, connection=connection, error=error, exc_info=exc)
+    result.errors.append(error)
+    if not _record(gateway, delivery_id, worker_id, **values):
+        log.warning("outbox.lease_lost", key=key, connection=connection, worker=worker_id, error=error)
+        return
+    if dead:
+        result.dead += 1
+        log.error("outbox.dead_lettered", key=key, connection=connection, attempts=attempts, error=error)
         await gateway.plugins.call_each_async(
-            "gateway_bill_delivered", connection=connection, bill_key=document.key, result=push
+            "gateway_notify",
+            event="delivery.dead_lettered",
+            payload={"delivery_id": delivery_id, "connection": connection, "key": key,
+                     "attempts": attempts, "error": error},
         )
+    else:
+        result.failed += 1
+        log.warning("outbox.push_failed", key=key, connection=connection, attempts=attempts, error=error)
 
 
 async def deliver_round(
@@ -206,7 +241,10 @@ async def deliver_round(
                         result.dead += 1
                     continue
             tasks += [_deliver_one(gateway, adapter, i, worker_id, build, result) for i in ids]
-        await asyncio.gather(*tasks)
+        # Every push runs to its end before the adapters close; then a failure (the store, say) is raised.
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
     finally:
         for adapter in owned.values():
             await adapter.aclose()

@@ -3,9 +3,14 @@
 For every PSA connection and every bill of the period that has a delivery to
 it, the PSA's record with the delivery key is read back and compared: device
 count against quantity, bill total against amount. Every difference is reported
-with both numbers. Also reported: bills the PSA does not hold, objects in the
-PSA that carry a gateway key the gateway does not know, PSA companies mapped to
-no customer, and customers billed in the period that have no PSA mapping.
+with both numbers. Also reported: bills the PSA does not hold, void bills the PSA
+still holds, objects in the PSA that carry a gateway key the gateway does not
+know, PSA companies mapped to no customer, and customers billed in the period
+that have no PSA mapping.
+
+A cycle that starts in the period may end after it (quarterly, yearly: S2), so
+the PSAs are read back up to the end of the longest such cycle; what they hold
+for other cycles in that stretch is ignored unless its key is unknown.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from decimal import Decimal
 import structlog
 from sqlalchemy import select
 
-from gateway.adapters import PsaAdapter
+from gateway.adapters import PsaAdapter, PsaRecord
 from gateway.app import Gateway
 from gateway.core.models import Bill, BillStatus, Customer, Delivery, DeliveryStatus, ExternalMapping, MappingKind
 
@@ -31,7 +36,7 @@ class Difference:
     connection: str
     customer: str
     key: str
-    kind: str  # "quantity", "amount", "missing_in_psa", "unknown_in_psa", "not_delivered"
+    kind: str  # "quantity", "amount", "missing_in_psa", "not_delivered", "void_in_psa", "unknown_in_psa"
     gateway_value: str
     psa_value: str
 
@@ -69,13 +74,16 @@ async def reconcile(
         bills = session.execute(
             select(Bill, Customer.name)
             .join(Customer, Customer.id == Bill.customer_id)
-            .where(Bill.period_start >= period_start, Bill.period_start <= period_end, Bill.status != BillStatus.VOID)
+            .where(Bill.period_start >= period_start, Bill.period_start <= period_end)
         ).all()
         deliveries = session.scalars(select(Delivery).where(Delivery.bill_id.in_([b.id for b, _ in bills]))).all()
         mappings = session.scalars(select(ExternalMapping).where(ExternalMapping.kind == MappingKind.PSA_COMPANY)).all()
     bill_by_id = {bill.id: (bill, name) for bill, name in bills}
     mapped_customers = {m.customer_id for m in mappings if m.customer_id is not None}
-    report.customers_without_psa = sorted({name for bill, name in bills if bill.customer_id not in mapped_customers})
+    report.customers_without_psa = sorted(
+        {name for bill, name in bills if bill.status != BillStatus.VOID and bill.customer_id not in mapped_customers}
+    )
+    read_until = max([period_end, *(bill.period_end for bill, _ in bills)])
 
     for connection in gateway.connections("psa"):
         adapter = (adapters or {}).get(connection.name)
@@ -83,7 +91,7 @@ async def reconcile(
         if owned:
             adapter = gateway.build_adapter(connection)  # type: ignore[assignment]
         try:
-            records = {r.key: r for r in await adapter.read_back(period_start, period_end)}
+            records = {r.key: r for r in await adapter.read_back(period_start, read_until)}
             companies = await adapter.list_companies()
         except Exception as exc:  # one broken PSA must not hide the others' results (G5)
             report.errors.append(f"{connection.name}: {type(exc).__name__}: {exc}")
@@ -98,16 +106,20 @@ async def reconcile(
             for c in companies
             if c.external_id not in mapped_ids
         ]
-        known_keys = set()
+        seen = set()
         for delivery in (d for d in deliveries if d.connection == connection.name):
             bill, customer = bill_by_id[delivery.bill_id]
-            known_keys.add(delivery.key)
-            report.checked += 1
+            seen.add(delivery.key)
             record = records.get(delivery.key)
 
             def differ(kind: str, ours: object, theirs: object) -> None:
                 report.differences.append(Difference(connection.name, customer, delivery.key, kind, str(ours), str(theirs)))
 
+            if bill.status == BillStatus.VOID:
+                if record is not None:  # the customer is still billed in the PSA for a bill that was voided
+                    differ("void_in_psa", f"void ({bill.number})", _held(record))
+                continue
+            report.checked += 1
             if record is None:
                 if delivery.status == DeliveryStatus.DELIVERED:
                     differ("missing_in_psa", f"{bill.device_count} devices, {bill.total:.2f} {bill.currency}", "nothing")
@@ -123,14 +135,28 @@ async def reconcile(
                 differ("amount", _money(bill.total), _money(record.amount))
                 ok = False
             report.matched += ok
+        known = seen | _known_keys(gateway, [key for key in records if key not in seen])
         for key, record in records.items():
-            if key not in known_keys:
+            if key not in known:
                 report.differences.append(
                     Difference(connection.name, record.company_external_id, key, "unknown_in_psa", "nothing",
-                               f"{record.quantity.normalize()} x, {_money(record.amount)}")
+                               _held(record))
                 )
     for difference in report.differences:
         await gateway.plugins.call_each_async(
             "gateway_notify", event="reconciliation.difference", payload=difference.__dict__
         )
     return report
+
+
+def _held(record: PsaRecord) -> str:
+    return f"{record.quantity.normalize()} x, {_money(record.amount)}"
+
+
+def _known_keys(gateway: Gateway, keys: list[str]) -> set[str]:
+    """Those of ``keys`` that belong to a delivery of this gateway (any cycle)."""
+    found: set[str] = set()
+    with gateway.db() as session:
+        for start in range(0, len(keys), 500):
+            found.update(session.scalars(select(Delivery.key).where(Delivery.key.in_(keys[start : start + 500]))))
+    return found

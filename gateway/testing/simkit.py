@@ -7,6 +7,7 @@ benchmarks plan faults at runtime; they are served in order, one response each::
     faults = app[FAULTS]
     faults.throttle(2, retry_after=1)   # the next two responses are 429 with Retry-After: 1
     faults.fail(1, status=502)          # then one 502
+    faults.allow(3).drop()              # three normal responses, then a dropped connection
     faults.expire_tokens()              # every token issued so far is now rejected with 401
 """
 
@@ -27,7 +28,7 @@ ErrorBody = Callable[[int, str], dict[str, Any]]
 
 @dataclass(frozen=True)
 class _Fault:
-    kind: str  # throttle | fail | slow | drop
+    kind: str  # allow | throttle | fail | slow | drop
     status: int = 0
     retry_after: float | None = None
     seconds: float = 0.0
@@ -40,6 +41,11 @@ class Faults:
         self._planned: deque[_Fault] = deque()
         self.token_generation = 0
         self.served = 0
+
+    def allow(self, times: int = 1) -> "Faults":
+        """The next ``times`` responses are normal (to place a later fault mid-way)."""
+        self._planned.extend(_Fault("allow") for _ in range(times))
+        return self
 
     def throttle(self, times: int = 1, *, retry_after: float | None = None) -> "Faults":
         """The next ``times`` responses are 429, with ``Retry-After`` when given."""
@@ -78,6 +84,8 @@ class Faults:
         if not self._planned:
             return None
         fault = self._planned.popleft()
+        if fault.kind == "allow":
+            return None
         self.served += 1
         if fault.kind == "slow":
             await asyncio.sleep(fault.seconds)
