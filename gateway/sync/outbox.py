@@ -41,8 +41,8 @@ from sqlalchemy.orm import Session
 from gateway.adapters import BillDocument, PsaAdapter, PushResult
 from gateway.app import Gateway
 from gateway.core.db import transaction
-from gateway.core.models import Delivery, DeliveryStatus
-from gateway.errors import ConfigError, Conflict, GatewayError, NotFound, PermanentError, TransientError
+from gateway.core.models import Bill, Delivery, DeliveryStatus
+from gateway.errors import AuthError, ConfigError, Conflict, GatewayError, NotFound, PermanentError, TransientError
 
 log = structlog.get_logger(__name__)
 
@@ -125,30 +125,28 @@ async def _deliver_one(
     build: DocumentBuilder,
     result: RoundResult,
 ) -> None:
-    problem: Exception | None = None
+    loaded = await asyncio.to_thread(_load, gateway, delivery_id, build)
+    if loaded is None:
+        return
+    attempts, key, connection, document, problem = loaded
     push: PushResult | None = None
-    with gateway.db() as session:
-        delivery = session.get(Delivery, delivery_id)
-        if delivery is None:
-            return
-        attempts, key, connection = delivery.attempts + 1, delivery.key, delivery.connection
-        try:
-            document = build(session, delivery)
-        except GatewayError as exc:  # e.g. the customer is no longer mapped: a person has to act
-            problem = exc
     structlog.contextvars.bind_contextvars(delivery=delivery_id, connection=connection)
+    lease = asyncio.create_task(_keep_lease(gateway, delivery_id, worker_id))
     try:
         if problem is None:
-            push = await adapter.push_bill(document)
+            push = await adapter.push_bill(document)  # type: ignore[arg-type]
     except Exception as exc:  # an adapter's bug must cost an attempt, not leave the delivery leased forever
         problem = exc
     finally:
+        lease.cancel()
+        await asyncio.gather(lease, return_exceptions=True)
         structlog.contextvars.unbind_contextvars("delivery", "connection")
     if problem is not None or push is None:
         await _failed(gateway, delivery_id, worker_id, key, connection, attempts,
                       problem or PermanentError("the adapter answered the push with nothing"), result)
         return
-    if not _record(
+    if not await asyncio.to_thread(
+        _record,
         gateway,
         delivery_id,
         worker_id,
@@ -168,6 +166,38 @@ async def _deliver_one(
     await gateway.plugins.call_each_async("gateway_bill_delivered", connection=connection, bill_key=key, result=push)
 
 
+def _load(
+    gateway: Gateway, delivery_id: int, build: DocumentBuilder
+) -> tuple[int, str, str, BillDocument | None, Exception | None] | None:
+    """The delivery's attempt number, key, connection, and the document to push (or why there is none)."""
+    with gateway.db() as session:
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None:
+            return None
+        try:
+            document, problem = build(session, delivery), None
+        except GatewayError as exc:  # e.g. the customer is no longer mapped: a person has to act
+            document, problem = None, exc
+        return delivery.attempts + 1, delivery.key, delivery.connection, document, problem
+
+
+async def _keep_lease(gateway: Gateway, delivery_id: int, worker_id: str) -> None:
+    """Extend our lease while a push runs, so a slow push (rate limits, retries) is never taken over mid-way."""
+    claim = gateway.settings.outbox.claim_seconds
+
+    def renew() -> None:
+        with transaction(gateway.db) as session:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery_id, Delivery.claimed_by == worker_id)
+                .values(claimed_until=gateway.clock.now() + timedelta(seconds=claim))
+            )
+
+    while True:
+        await asyncio.sleep(claim / 3)
+        await asyncio.to_thread(renew)
+
+
 async def _failed(
     gateway: Gateway,
     delivery_id: int,
@@ -181,7 +211,10 @@ async def _failed(
     """Record a failed attempt: retry later (transient, or an unexpected error), or dead-letter it."""
     now = gateway.clock.now()
     error = f"{type(exc).__name__}: {exc}"
-    permanent = isinstance(exc, GatewayError) and not isinstance(exc, TransientError)
+    # A refused bill (a 4xx, a customer no longer mapped) waits for a person. Refused credentials are a
+    # problem of the connection, not of this bill: they retry with back-off like a transient failure,
+    # so fixing the credentials lets every waiting bill through without retrying each by hand.
+    permanent = isinstance(exc, GatewayError) and not isinstance(exc, TransientError | AuthError)
     dead = permanent or attempts >= gateway.settings.outbox.max_attempts
     values: dict[str, object] = {"attempts": attempts, "last_error": error[:2000]}
     if dead:
@@ -191,7 +224,7 @@ async def _failed(
     if not isinstance(exc, GatewayError):
         log.error("outbox.push_error", key=key, connection=connection, error=error, exc_info=exc)
     result.errors.append(error)
-    if not _record(gateway, delivery_id, worker_id, **values):
+    if not await asyncio.to_thread(_record, gateway, delivery_id, worker_id, **values):
         log.warning("outbox.lease_lost", key=key, connection=connection, worker=worker_id, error=error)
         return
     if dead:
@@ -219,13 +252,14 @@ async def deliver_round(
     """Claim and push one batch. ``adapters`` (by connection) are reused if given, else built and closed here."""
     build = build or _default_document_builder()
     result = RoundResult()
-    claimed = claim_due(gateway, worker_id, limit=limit or gateway.settings.outbox.batch_size)
+    claimed = await asyncio.to_thread(claim_due, gateway, worker_id, limit=limit or gateway.settings.outbox.batch_size)
     result.claimed = len(claimed)
     if not claimed:
         return result
     by_connection: dict[str, list[int]] = defaultdict(list)
     for delivery_id, connection in claimed:
         by_connection[connection].append(delivery_id)
+    customers = await asyncio.to_thread(_customers_of, gateway, [delivery_id for delivery_id, _ in claimed])
     owned: dict[str, PsaAdapter] = {}
     try:
         tasks = []
@@ -240,7 +274,12 @@ async def deliver_round(
                                 last_error=f"connection {connection!r} is not configured: {exc}")
                         result.dead += 1
                     continue
-            tasks += [_deliver_one(gateway, adapter, i, worker_id, build, result) for i in ids]
+            # One customer's bills go to a PSA one after another (a quantity on an agreement addition
+            # must not be raced by a second bill of the same cycle); different customers go in parallel.
+            queues: dict[int | None, list[int]] = defaultdict(list)
+            for delivery_id in ids:
+                queues[customers.get(delivery_id)].append(delivery_id)
+            tasks += [_deliver_in_turn(gateway, adapter, queue, worker_id, build, result) for queue in queues.values()]
         # Every push runs to its end before the adapters close; then a failure (the store, say) is raised.
         for outcome in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(outcome, BaseException):
@@ -249,6 +288,21 @@ async def deliver_round(
         for adapter in owned.values():
             await adapter.aclose()
     return result
+
+
+async def _deliver_in_turn(
+    gateway: Gateway, adapter: PsaAdapter, ids: list[int], worker_id: str, build: DocumentBuilder, result: RoundResult
+) -> None:
+    for delivery_id in ids:
+        await _deliver_one(gateway, adapter, delivery_id, worker_id, build, result)
+
+
+def _customers_of(gateway: Gateway, delivery_ids: list[int]) -> dict[int, int]:
+    with gateway.db() as session:
+        rows = session.execute(
+            select(Delivery.id, Bill.customer_id).join(Bill, Bill.id == Delivery.bill_id).where(Delivery.id.in_(delivery_ids))
+        )
+        return {delivery_id: customer_id for delivery_id, customer_id in rows}
 
 
 async def deliver_until_idle(gateway: Gateway, worker_id: str, *, stop: asyncio.Event | None = None) -> RoundResult:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -376,3 +376,95 @@ async def test_g2_a_worker_whose_lease_expired_cannot_overwrite_the_new_owners_r
     assert (d.status, d.external_id, d.last_error, d.attempts) == (DeliveryStatus.DELIVERED, str(invoice["id"]), None, 1)
     assert recorder.notes == []
     assert [(c, k, r.created) for c, k, r in recorder.delivered] == [(CONNECTION, d.key, True)]
+
+
+# --- connection-level failures, leases, one customer at a time ----------------------------------------
+
+
+async def test_g2_refused_credentials_retry_with_back_off_instead_of_dead_lettering(db, gateway, sim):
+    app, url = sim
+    build_world(db, customers=1, psa={CONNECTION: [str(clients(app)[0])]})
+    wrong = ConnectionSettings(**{**halo_connection(CONNECTION, url), "credentials": {"client_id": "sim-client",
+                                                                                      "client_secret": "rotated"}})
+    adapter = HaloPsaAdapter(wrong, AdapterContext(clock=gateway.clock))
+    try:
+        result = await outbox.deliver_round(gateway, "w1", adapters={CONNECTION: adapter})
+    finally:
+        await adapter.aclose()
+    d = delivery(db)
+    assert (result.failed, result.dead) == (1, 0)
+    assert d.status == DeliveryStatus.PENDING and "AuthError" in d.last_error and d.next_attempt_at > NOW
+    assert "rotated" not in d.last_error
+    # With the credentials fixed, the waiting bill goes through without anyone retrying it by hand.
+    gateway.clock.set(d.next_attempt_at)
+    assert (await outbox.deliver_round(gateway, "w1")).delivered == 1
+
+
+async def test_g2_a_slow_push_keeps_its_lease_so_no_other_worker_takes_it_over(db, gateway, sim):
+    app, _ = sim
+    build_world(db, customers=1, psa={CONNECTION: [str(clients(app)[0])]})
+    gateway.settings.outbox.claim_seconds = 0.6  # renewed every 0.2 s while the push runs
+    real = gateway.build_adapter(CONNECTION)
+    release = asyncio.Event()
+
+    class Slow:
+        async def push_bill(self, document):
+            await release.wait()  # a push held up by rate limits and retries
+            return await real.push_bill(document)
+
+        async def aclose(self):
+            await real.aclose()
+
+    pushing = asyncio.create_task(outbox.deliver_round(gateway, "slow", adapters={CONNECTION: Slow()}))
+    for _ in range(9):  # time passes on both clocks, well past the first lease (NOW + 0.6 s)
+        await asyncio.sleep(0.1)
+        gateway.clock.advance(seconds=0.1)
+    assert gateway.clock.now() > NOW + timedelta(seconds=0.6)
+    assert outbox.claim_due(gateway, "other", limit=5) == []
+    release.set()
+    result = await pushing
+    await real.aclose()
+    assert result.delivered == 1 and delivery(db).status == DeliveryStatus.DELIVERED
+
+
+async def test_g2_one_customers_bills_go_to_a_psa_one_after_another(db, gateway, sim):
+    app, _ = sim
+    build_world(db, customers=2, psa={CONNECTION: [str(c) for c in clients(app)[:2]]})
+    with db() as s:
+        first = s.scalars(select(Delivery)).first()
+        bill = s.get(Bill, first.bill_id)
+    # A second bill for the first customer (another plan, same cycle), delivered in the same round.
+    with transaction(db) as s:
+        twin = Bill(**{c: getattr(bill, c) for c in ("partner_id", "customer_id", "kind", "period_start", "period_end",
+                                                  "currency", "device_count", "total", "status", "issued_on",
+                                                  "due_on", "created_at")},
+                    source_id=bill.source_id + 1000, number=bill.number + "-B")
+        s.add(twin)
+        s.flush()
+        s.add(Delivery(bill_id=twin.id, connection=CONNECTION, key=first.key + "-b", next_attempt_at=NOW,
+                       created_at=NOW))
+    customer_of = {}
+    with db() as s:
+        for d in s.scalars(select(Delivery)):
+            customer_of[d.key] = s.get(Bill, d.bill_id).customer_id
+    real = gateway.build_adapter(CONNECTION)
+    active: dict[int, int] = {}
+    overlap = []
+
+    class Watching:
+        async def push_bill(self, document):
+            customer = customer_of[document.key]
+            active[customer] = active.get(customer, 0) + 1
+            overlap.append(active[customer])
+            try:
+                await asyncio.sleep(0.05)
+                return PushResult(external_id=document.key, created=True)
+            finally:
+                active[customer] -= 1
+
+        async def aclose(self):
+            await real.aclose()
+
+    result = await outbox.deliver_round(gateway, "w1", adapters={CONNECTION: Watching()})
+    await real.aclose()
+    assert result.delivered == 3 and max(overlap) == 1
