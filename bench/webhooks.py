@@ -5,7 +5,8 @@
   a migrated SQLite file with 1,000 devices in one mapped workspace. Every
   request is a Standard Webhooks ``device.online`` event with a fresh id:
   verify the HMAC, check the window, insert the event id, update the device and
-  its activity day, commit.
+  its activity day, commit (events that arrive together share one commit: see
+  ``gateway.sync.webhooks``).
 - floor, in the same run: a bare aiohttp handler in another child process that
   reads the body and answers the same JSON, with no verification and no database.
 

@@ -21,6 +21,12 @@ A late ``device.offline`` (older than the last contact) does not override a
 newer check-in. Activity is recorded for the customer-local day of the check-in
 (S4); a device not mapped to a workspace, refused (M3) or deleted gets none,
 because no customer day applies and it is not billed (G1).
+
+Device events come for every check-in of every device, so their three
+statements (read the device, update it, add the activity day) are
+:class:`~gateway.sync.webhooks.DriverStatement` s, and the activity day is an
+INSERT that skips an existing row: no read first, and two processes recording
+the same day cannot collide.
 """
 
 from __future__ import annotations
@@ -30,12 +36,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import structlog
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.orm import Session
 
 from gateway.core.models import Bill, BillStatus, Customer, Delivery, Device, DeviceActivity, Workspace
 from gateway.hookspecs import hookimpl
-from gateway.sync.webhooks import WebhookEvent
+from gateway.sync.webhooks import DriverStatement, WebhookEvent, insert_new_only
 
 log = structlog.get_logger(__name__)
 
@@ -77,15 +83,14 @@ def record_device_status(
     session: Session, connection: str, external_id: str, *, online: bool, at: datetime, now: datetime
 ) -> int | None:
     """Set a device online (recording the check-in and its activity day) or offline; its id, or None if unknown."""
-    # Prepared Core statements on the session's connection: this runs for every device event.
-    db = session.connection()
-    device = db.execute(_DEVICE_STATE, {"connection": connection, "external_id": external_id}).one_or_none()
+    db = _core(session)
+    device = _DEVICE_STATE.first(db, {"connection": connection, "external_id": external_id})
     if device is None or device.deleted:
         log.info("webhook.device_unknown", connection=connection, device=external_id)
         return None
     newest = device.last_contact is None or at >= device.last_contact  # a late event does not override a newer one
-    db.execute(
-        _SET_DEVICE_STATE,
+    _SET_DEVICE_STATE.execute(
+        db,
         {
             "device_id": device.id,
             "new_online": online if newest else device.online,
@@ -95,12 +100,12 @@ def record_device_status(
     )
     if online and device.workspace_id is not None and not device.refused_reason:
         day = at.astimezone(ZoneInfo(device.timezone or "UTC")).date()
-        if db.execute(_ACTIVITY_SEEN, {"device_id": device.id, "day": day}).first() is None:
-            db.execute(_ADD_ACTIVITY, {"device_id": device.id, "day": day})
+        _ADD_ACTIVITY.execute(db, {"device_id": device.id, "day": day})
     return device.id
 
 
-_DEVICE_STATE = (
+# Run on the driver (see DriverStatement): these run for every device event.
+_DEVICE_STATE = DriverStatement(
     select(
         Device.id, Device.online, Device.last_contact, Device.deleted, Device.workspace_id, Device.refused_reason,
         Customer.timezone,
@@ -109,7 +114,7 @@ _DEVICE_STATE = (
     .outerjoin(Customer, Customer.id == Workspace.customer_id)
     .where(Device.connection == bindparam("connection"), Device.external_id == bindparam("external_id"))
 )
-_SET_DEVICE_STATE = (
+_SET_DEVICE_STATE = DriverStatement(
     Device.__table__.update()
     .where(Device.__table__.c.id == bindparam("device_id"))
     .values(
@@ -118,10 +123,18 @@ _SET_DEVICE_STATE = (
         updated_at=bindparam("new_updated_at"),
     )
 )
-_ACTIVITY_SEEN = select(DeviceActivity.device_id).where(
-    DeviceActivity.device_id == bindparam("device_id"), DeviceActivity.day == bindparam("day")
-)
-_ADD_ACTIVITY = DeviceActivity.__table__.insert()
+_ADD_ACTIVITY = insert_new_only(DeviceActivity.__table__)
+
+
+def _core(session: Session) -> Connection:
+    """Where to run Core statements in the session's transaction.
+
+    The webhook receiver binds ``event.session`` to its connection, already in a savepoint for this handler:
+    statements go there directly (``session.connection()`` would open the session's own savepoint, which costs
+    more than this handler's statements). Any other session: its connection.
+    """
+    bind = session.get_bind()
+    return bind if isinstance(bind, Connection) and bind.in_transaction() else session.connection()
 
 
 def mark_bill_paid(session: Session, connection: str, invoice_external_id: str, *, paid_at: datetime) -> Bill | None:

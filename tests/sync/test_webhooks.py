@@ -7,6 +7,7 @@ verifier cannot pass unnoticed.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -18,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings, strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from gateway.adapters import AdapterSpec
 from gateway.app import Gateway
@@ -44,6 +45,7 @@ from gateway.plugins import get_plugin_manager
 from gateway.sync.webhook_schemes import AutotaskWebhooks, ConnectWiseCallbacks, HaloPsaWebhooks, StandardWebhooks
 from gateway.sync.webhooks import (
     MAX_BODY_BYTES,
+    WEBHOOK_RECEIVER,
     WebhookPayloadError,
     WebhookVerificationError,
     add_webhook_routes,
@@ -453,6 +455,112 @@ async def test_g4_database_down_is_503_and_retryable(aiohttp_client, tmp_path, c
     body = b"{}"
     response = await client.post("/webhooks/rmm", data=body, headers=sw_headers(body, ts_of(clock)))
     assert response.status == 503 and response.headers["Retry-After"] == "5"
+
+
+
+# --- group commit: several events in one transaction ---------------------------------------------------------
+
+
+class Scripted:
+    """The only handler: does what the event's ``do`` says and keeps the session each event was handled in.
+
+    ``wait`` holds the writer inside its handler until ``gate`` is set, so the events posted meanwhile queue up
+    and are written together in the next transaction.
+    """
+
+    def __init__(self):
+        self.gate = asyncio.Event()
+        self.calls: list[str] = []
+        self.sessions: dict[str, object] = {}
+
+    @hookimpl
+    async def gateway_webhook_received(self, connection, event):
+        self.calls.append(event.id)
+        self.sessions[event.id] = event.session
+        do = event.payload.get("do")
+        if do == "wait":
+            await self.gate.wait()
+        mark = f"mark:{event.id}"
+        if do == "raise_after_core":  # written on the connection itself, beside the ORM session
+            event.session.get_bind().execute(insert(ConnectionState), {"connection": mark, "updated_at": NOW})
+            raise RuntimeError("handler bug after a Core write")
+        if do == "bad_core":  # a statement that fails (PostgreSQL then refuses all but a rollback to the savepoint)
+            event.session.get_bind().execute(insert(ConnectionState), {"connection": mark, "updated_at": NOW})
+            event.session.get_bind().execute(insert(ConnectionState), {"connection": "taken", "updated_at": NOW})
+        event.session.add(ConnectionState(connection=mark, updated_at=NOW))
+        if do == "raise":
+            event.session.flush()
+            raise RuntimeError("handler bug")
+        if do == "bad_flush":  # the key exists: the flush fails when the receiver commits the handler's work
+            event.session.add(ConnectionState(connection="taken", updated_at=NOW))
+
+
+def plugin_name(gateway, plugin) -> str:
+    return gateway.plugins.pm.get_name(plugin)
+
+
+async def _until(condition, seconds=10.0):
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def _batched(aiohttp_client, db_engine, clock, sends):
+    """Post ``sends`` ((msg_id, do) pairs) so that all of them are written in one transaction; the responses."""
+    plugin = Scripted()
+    gateway = make_gateway(db_engine, clock, plugin)
+    gateway.plugins.pm.unregister(name="gateway.sync.webhook_handlers")  # Scripted is the only handler
+    with gdb.transaction(gateway.db) as s:
+        s.add(ConnectionState(connection="taken", updated_at=NOW))
+    client = await client_for(aiohttp_client, gateway)
+    receiver = client.app[WEBHOOK_RECEIVER]
+
+    async def post(msg_id, do):
+        body = json.dumps({"type": "test", "do": do}).encode()
+        response = await client.post("/webhooks/rmm", data=body, headers=sw_headers(body, ts_of(clock), msg_id))
+        return response.status, await response.json()
+
+    gate = asyncio.create_task(post("msg_gate", "wait"))
+    await _until(lambda: plugin.calls == ["msg_gate"])  # the writer is inside the gate's transaction
+    posted = []
+    for msg_id, do in sends:  # one at a time, so they queue in this order
+        posted.append(asyncio.create_task(post(msg_id, do)))
+        await _until(lambda: len(receiver._pending) == len(posted))
+    plugin.gate.set()
+    assert (await gate)[0] == 200
+    answers = [await task for task in posted]
+    batch_sessions = {id(plugin.sessions[msg_id]) for msg_id in plugin.sessions if msg_id != "msg_gate"}
+    assert len(batch_sessions) == 1  # all of them in one transaction (after the gate's)
+    assert id(plugin.sessions["msg_gate"]) not in batch_sessions
+    return gateway, plugin, answers
+
+
+async def test_g5_a_failing_event_in_a_batch_neither_fails_nor_undoes_its_neighbours(aiohttp_client, db_engine, clock):
+    sends = [("msg_a", "ok"), ("msg_b", "raise"), ("msg_c", "raise_after_core"), ("msg_d", "bad_flush"),
+             ("msg_e", "bad_core"), ("msg_f", "ok")]
+    gateway, plugin, answers = await _batched(aiohttp_client, db_engine, clock, sends)
+    assert [(status, body.get("status")) for status, body in answers] == [
+        (200, "accepted"), (500, None), (500, None), (500, None), (500, None), (200, "accepted")
+    ]
+    assert [body["failed_plugins"] for status, body in answers if status == 500] == [[plugin_name(gateway, plugin)]] * 4
+    # Each failure undid its own writes only: ORM, Core on the connection, a flush or a statement that failed.
+    assert markers(gateway) == ["mark:msg_a", "mark:msg_f", "mark:msg_gate", "taken"]
+    assert received(gateway) == [("rmm", "msg_a"), ("rmm", "msg_f"), ("rmm", "msg_gate")]
+    errors = [failure.error.removeprefix("gateway_webhook_received: ") for failure in gateway.plugins.failures]
+    assert errors[:2] == ["RuntimeError: handler bug", "RuntimeError: handler bug after a Core write"]
+    assert [error.split(" ", 1)[0] for error in errors[2:]] == ["IntegrityError:", "IntegrityError:"]
+
+
+async def test_g4_the_same_event_twice_in_one_batch_is_processed_once(aiohttp_client, db_engine, clock):
+    sends = [("msg_x", "ok"), ("msg_x", "ok"), ("msg_y", "raise"), ("msg_y", "ok")]
+    gateway, plugin, answers = await _batched(aiohttp_client, db_engine, clock, sends)
+    assert [(status, body.get("status")) for status, body in answers] == [
+        (200, "accepted"), (200, "duplicate"), (500, None), (200, "accepted")
+    ]
+    # msg_x ran once; msg_y failed, so its second delivery in the same batch is the retry and is processed.
+    assert plugin.calls == ["msg_gate", "msg_x", "msg_y", "msg_y"]
+    assert markers(gateway) == ["mark:msg_gate", "mark:msg_x", "mark:msg_y", "taken"]
+    assert received(gateway) == [("rmm", "msg_gate"), ("rmm", "msg_x"), ("rmm", "msg_y")]
 
 
 # --- built-in handlers: canonical state ------------------------------------------------------------------------------
