@@ -1,15 +1,18 @@
 """Benchmark: one month's billing run for 10,000 customers and 200,000 devices, against its floor.
 
-The store is a temporary migrated SQLite database (or a scratch ``--database-url``, emptied first) holding
-partners with monthly billing enabled, customers in several time zones, one
-workspace each on the monthly plan, devices, and one month (March 2026) of
-activity in which most devices check in on most days. Every customer is mapped
-to a PSA company, so each bill also gets its outbox delivery.
+The store is a migrated database of the bench's own: a temporary SQLite file
+(``--backend sqlite``, the default), or with ``--backend postgresql`` a scratch
+database created on the server of ``--database-url`` (or
+``GATEWAY_TEST_POSTGRES_URL``) and dropped at the end. It holds partners with
+monthly billing enabled, customers in several time zones, one workspace each on
+the monthly plan, devices, and one month (March 2026) of activity in which most
+devices check in on most days. Every customer is mapped to a PSA company, so
+each bill also gets its outbox delivery.
 
 - gateway: ``run_billing`` for the whole store as of 2 April 2026 (every zone's
   March is over), committed: which devices count (M5), one bill per customer
-  with its lines, numbers from each partner's sequence, the M7 device rows,
-  the G2 deliveries, the M6 report queue.
+  with its lines, numbers from each partner's sequence, the M7 device rows
+  (each a snapshot of its device), the G2 deliveries, the M6 report queue.
 - floor, in the same run: one SQL aggregate of active devices per workspace
   for the month, plus one executemany of the bill rows into ``bills`` (its
   indexes and foreign keys included), rolled back. Measured twice (the
@@ -18,32 +21,37 @@ to a PSA company, so each bill also gets its outbox delivery.
 Peak RSS is the process's maximum resident set, generation of the data included.
 The last line is the machine-readable result.
 
-    python bench/billing_run.py [--customers 10000] [--devices 200000] [--database-url URL]
+    python bench/billing_run.py [--customers 10000] [--devices 200000]
+    python bench/billing_run.py --backend postgresql --database-url postgresql://postgres@127.0.0.1:5432/test
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import resource
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import Engine, func, insert, select, text
+from sqlalchemy import Engine, create_engine, func, insert, select, text
+from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.core import db as gdb  # noqa: E402
 from gateway.core.bills import run_billing  # noqa: E402
 from gateway.core.models import (  # noqa: E402
-    Base,
     Bill,
     BillDevice,
     BillKind,
@@ -177,20 +185,37 @@ def count(engine: Engine, model: Any) -> int:
         return connection.execute(select(func.count()).select_from(model)).scalar_one()
 
 
+@contextmanager
+def scratch_database(backend: str, server_url: str | None) -> Iterator[str]:
+    """The URL of an empty database of the bench's own: a temporary SQLite file, or a PostgreSQL
+    database created on ``server_url``'s server and dropped afterwards (nobody else's rows are touched)."""
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory(prefix="billing_run_") as tmp:
+            yield f"sqlite:///{Path(tmp) / 'billing.db'}"
+        return
+    if not server_url:
+        raise SystemExit("--backend postgresql needs --database-url postgresql://USER@HOST:PORT/DB (or "
+                         "GATEWAY_TEST_POSTGRES_URL); the bench creates and drops a scratch database on that server")
+    server = make_url(server_url).set(drivername="postgresql+psycopg")
+    name = f"billing_run_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 def main(args: argparse.Namespace) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    with tempfile.TemporaryDirectory(prefix="billing_run_") as tmp:
-        url = args.database_url or f"sqlite:///{Path(tmp) / 'billing.db'}"
+    backend = args.backend or ("postgresql" if args.database_url else "sqlite")
+    server_url = args.database_url or os.environ.get("GATEWAY_TEST_POSTGRES_URL")
+    with scratch_database(backend, server_url) as url:
         engine = gdb.make_engine(url)
         gdb.upgrade(engine)
-        if args.database_url:
-            with engine.begin() as connection:  # a clean slate in the given database
-                if engine.dialect.name == "postgresql":
-                    names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
-                    connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-                else:
-                    for table in reversed(Base.metadata.sorted_tables):
-                        connection.execute(table.delete())
         started = time.perf_counter()
         activity = populate(engine, args.customers, args.devices, args.partners, args.seed)
         setup_s = time.perf_counter() - started
@@ -203,11 +228,11 @@ def main(args: argparse.Namespace) -> None:
         raise SystemExit(f"gateway built {bills} bills but the floor counted {floor_bills} workspaces with activity")
     ratio = gateway_s / floor_s
     print(f"customers={args.customers} devices={args.devices} partners={args.partners} activity_rows={activity} "
-          f"setup_s={setup_s:.1f} backend={url.split(':', 1)[0]}")
+          f"setup_s={setup_s:.1f}")
     print(f"gateway: {gateway_s:.2f} s for {bills} bills, {billed_devices} billed devices, {deliveries} deliveries; "
           f"floor: {floor_s:.2f} s")
-    print(f"billing_run: ratio={ratio:.2f} target={TARGET} gateway_s={gateway_s:.2f} floor_s={floor_s:.2f} "
-          f"peak_rss_mb={rss_mb:.0f}")
+    print(f"billing_run: ratio={ratio:.2f} target={TARGET} backend={backend} gateway_s={gateway_s:.2f} "
+          f"floor_s={floor_s:.2f} peak_rss_mb={rss_mb:.0f}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -216,8 +241,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--devices", type=int, default=200_000)
     parser.add_argument("--partners", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--database-url", help="a scratch PostgreSQL database instead of a temporary SQLite file "
-                        "(its gateway tables are emptied first)")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default=None,
+                        help="sqlite (a temporary file; the default) or postgresql (a scratch database on the server "
+                        "of --database-url)")
+    parser.add_argument("--database-url", help="the PostgreSQL server to create the scratch database on, as "
+                        "postgresql://USER@HOST:PORT/DB (default: GATEWAY_TEST_POSTGRES_URL); implies --backend "
+                        "postgresql")
     return parser.parse_args()
 
 

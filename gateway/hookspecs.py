@@ -117,8 +117,11 @@ def gateway_notify(event: str, payload: Mapping[str, Any]) -> Awaitable[None] | 
     """Called when something happened that a person should hear about.
 
     Events: ``license.reminder`` (L4), ``delivery.dead_lettered`` (G2),
-    ``reconciliation.difference`` (G3), ``connection.degraded`` and
-    ``connection.recovered``. ``payload`` never contains secrets.
+    ``reconciliation.difference`` (G3), ``connection.degraded``,
+    ``connection.recovered``, and ``bill.email_failed`` (S2: every try to
+    e-mail a bill failed; payload ``bill`` (its number), ``bill_id``,
+    ``partner_id``, ``customer``, ``customer_id``, ``email``, ``attempts``,
+    ``error``). ``payload`` never contains secrets.
 
     :param event: the event name.
     :param payload: JSON-serialisable details of the event.

@@ -406,7 +406,7 @@ def _bills_email(args: argparse.Namespace) -> int:
             for bill_id in args.bill:
                 svc.get_bill(session, principal, bill_id)
     outcome = asyncio.run(send_bill_emails(gateway.db, mail=gateway.settings.mail, clock=gateway.clock,
-                                           bill_ids=args.bill))
+                                           bill_ids=args.bill, plugins=gateway.plugins))
     rows = [{"bill": number, "result": "sent"} for number in outcome.sent]
     rows += [{"bill": number, "result": f"failed: {error}"} for number, error in outcome.failed]
     _out(args, rows, ["bill", "result"])

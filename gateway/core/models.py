@@ -498,6 +498,8 @@ class Bill(Base):
     __table_args__ = (
         # Running a billing period twice must create nothing new.
         UniqueConstraint("customer_id", "kind", "source_id", "period_start"),
+        # Numbers come from each partner's own sequence: unique per partner, so two partners may share a prefix.
+        UniqueConstraint("partner_id", "number"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -506,7 +508,7 @@ class Bill(Base):
     kind: Mapped[BillKind] = mapped_column(_enum(BillKind))
     #: The plan association (PLAN) or monthly subscription (MONTHLY, ACTIVATION) that produced the bill.
     source_id: Mapped[int] = mapped_column(Integer)
-    number: Mapped[str] = mapped_column(String(64), unique=True)
+    number: Mapped[str] = mapped_column(String(64))
     period_start: Mapped[date] = mapped_column(Date)
     #: Inclusive last day of the cycle, customer-local.
     period_end: Mapped[date] = mapped_column(Date)
@@ -548,12 +550,24 @@ class BillLine(Base):
 
 
 class BillDevice(Base):
-    """M7: the devices a bill charged for and their active days (the usage report's rows)."""
+    """M7: a device a bill charged for, its active days, and the device as it was when billed.
+
+    A snapshot, not a reference: the usage report of a past month must not depend
+    on the device row, which may change or be deleted after the bill.
+    """
 
     __tablename__ = "bill_devices"
+    # SQLite: one b-tree keyed by (bill, device), not a rowid table plus an index; a run writes a row per device.
+    __table_args__ = {"sqlite_with_rowid": False}
 
     bill_id: Mapped[int] = mapped_column(ForeignKey("bills.id", ondelete="CASCADE"), primary_key=True)
-    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    #: The device's id when billed; deliberately no foreign key (a deleted device keeps its usage rows).
+    device_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    connection: Mapped[str] = mapped_column(String(100))
+    external_id: Mapped[str] = mapped_column(String(100))
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    #: The name of the device's workspace when billed.
+    workspace: Mapped[str] = mapped_column(String(200), default="")
     days_active: Mapped[int] = mapped_column(Integer)
 
 

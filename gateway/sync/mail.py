@@ -7,7 +7,10 @@ failed or interrupted send is retried and never loses a bill:
 - a bill is due for e-mail while it is issued (or overdue), has an address and
   no ``emailed_at``; each try counts in ``email_attempts`` and keeps the last
   error in ``email_error``. After ``mail.max_attempts`` failed tries it is left
-  for a person (``gateway bills email --bill ID`` tries again) and reported.
+  for a person (``gateway bills email --bill ID`` tries again) and reported:
+  logged, and announced to plugins as the ``gateway_notify`` event
+  ``bill.email_failed``. Errors never carry the mail password, even when a
+  server echoes it.
 - a billing report is queued by the billing run itself (a ``JobRun`` row
   ``billing-report:<partner id>`` / ``YYYY-MM`` in the run's transaction) and
   marked finished once sent.
@@ -16,8 +19,8 @@ A bill row is locked while it is sent (``FOR UPDATE SKIP LOCKED`` on
 PostgreSQL), so two processes never send one bill twice. The one remaining
 window, a crash after the server accepted a message and before ``emailed_at``
 was committed, is closed on the reader's side: every message carries a
-Message-ID derived from the bill number, which mail clients use to drop the
-second copy.
+Message-ID derived from the partner and bill number, which mail clients use
+to drop the second copy.
 """
 
 from __future__ import annotations
@@ -41,12 +44,14 @@ from gateway.core.billing import Period, parse_month
 from gateway.core.bills import REPORT_JOB, BillingRun, mark_overdue, monthly_summary, run_billing, usage_rows
 from gateway.core.clock import Clock
 from gateway.core.db import transaction
+from gateway.core.logging import REDACTED
 from gateway.core.models import Bill, BillStatus, Customer, JobRun, Partner
 from gateway.core.settings import MailSettings
 from gateway.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from gateway.app import Gateway
+    from gateway.plugins import GatewayPluginManager
 
 log = structlog.get_logger(__name__)
 
@@ -95,10 +100,16 @@ class Mailer:
                 await self.send_once(message)
                 return True
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
-                on_failure(_describe(exc))
+                on_failure(self.describe(exc))
                 if attempt + 1 < attempts:
                     await self.sleep(self.retry_delay * (2**attempt))
         return False
+
+    def describe(self, exc: BaseException) -> str:
+        """The error as text without the mail password: a server's reply may echo what it was sent."""
+        text = _describe(exc)
+        password = self.mail.password.get_secret_value() if self.mail.password else ""
+        return text.replace(password, REDACTED) if password else text
 
 
 def _describe(exc: BaseException) -> str:
@@ -120,8 +131,9 @@ def bill_message(sender: str, bill: Bill, customer: Customer, partner: Partner) 
         f"due {bill.due_on.isoformat()}"
     )
     message["Date"] = formatdate(usegmt=True)
-    # Deterministic, so a copy sent twice after a crash is recognised as the same message.
-    message["Message-ID"] = f"<bill-{bill.number}@{_domain(sender)}>"
+    # Deterministic, so a copy sent twice after a crash is recognised as the same message; numbers are
+    # unique per partner only, and one gateway sends for every partner.
+    message["Message-ID"] = f"<bill-{bill.partner_id}-{bill.number}@{_domain(sender)}>"
     lines = [
         f"Dear {customer.name},",
         "",
@@ -161,8 +173,13 @@ async def send_bill_emails(
     bill_ids: Sequence[int] | None = None,
     sleep: Sleep = asyncio.sleep,
     retry_delay: float = 2.0,
+    plugins: GatewayPluginManager | None = None,
 ) -> MailOutcome:
-    """E-mail every issued bill not yet e-mailed (or just ``bill_ids``, whatever their attempts so far)."""
+    """E-mail every issued bill not yet e-mailed (or just ``bill_ids``, whatever their attempts so far).
+
+    A bill whose tries all failed is announced to ``plugins`` as ``bill.email_failed``, after its
+    attempts and error are committed.
+    """
     mailer = Mailer(mail, sleep=sleep, retry_delay=retry_delay)
     outcome = MailOutcome()
     with db() as session:
@@ -177,6 +194,7 @@ async def send_bill_emails(
             stmt = stmt.where(Bill.email_attempts < mail.max_attempts)
         candidates = list(session.scalars(stmt.order_by(Bill.id)))
     for bill_id in candidates:
+        notice: dict[str, object] | None = None
         with transaction(db) as session:
             bill = _locked_bill(session, bill_id)
             if bill is None:  # sent meanwhile, or being sent by another process
@@ -200,6 +218,11 @@ async def send_bill_emails(
                 outcome.failed.append((bill.number, bill.email_error or "unknown error"))
                 log.error("mail.bill_failed", bill=bill.number, attempts=bill.email_attempts, error=bill.email_error,
                           to_retry="gateway bills email --bill ID")
+                notice = {"bill": bill.number, "bill_id": bill.id, "partner_id": bill.partner_id,
+                          "customer": customer.name, "customer_id": customer.id, "email": bill.email,
+                          "attempts": bill.email_attempts, "error": bill.email_error or "unknown error"}
+        if notice is not None and plugins is not None:
+            await plugins.call_each_async("gateway_notify", event="bill.email_failed", payload=notice)
     return outcome
 
 
@@ -326,7 +349,8 @@ async def billing_job(gateway: Gateway, *, period: Period | None = None, sleep: 
     outcome = MailOutcome()
     if gateway.settings.mail.configured:
         for part in (
-            await send_bill_emails(gateway.db, mail=gateway.settings.mail, clock=gateway.clock, sleep=sleep),
+            await send_bill_emails(gateway.db, mail=gateway.settings.mail, clock=gateway.clock, sleep=sleep,
+                                   plugins=gateway.plugins),
             await send_billing_reports(gateway.db, mail=gateway.settings.mail, clock=gateway.clock, sleep=sleep),
         ):
             outcome.sent += part.sent

@@ -10,10 +10,12 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 
 from gateway import BillLineDoc, hookimpl
 from gateway.core import bills as svc
+from gateway.core import documents
 from gateway.core.access import Principal, system_principal
 from gateway.core.billing import Period, local_day, month_period
 from gateway.core.db import transaction
@@ -264,9 +266,77 @@ def test_m5_s4_devices_active_only_on_the_first_or_last_local_day_in_far_zones(d
     west_bill = bills_of(db, customer_id=west.id)[0]
     assert west_bill.device_count == 2 and west_bill.total == D("5.00")
     with db() as s:
-        billed = set(s.scalars(select(Device.external_id).join(BillDevice, BillDevice.device_id == Device.id)))
+        billed = set(s.scalars(select(BillDevice.external_id)))
     assert billed == {"e-first", "e-last", "w-last", "w-first"}
     assert_second_run_changes_nothing(db, at(2026, 4, 1, 11, 0))
+
+
+def test_m7_deleting_a_device_keeps_its_usage_rows_and_report_as_billed(db):
+    p, c, w = monthly_setup(db, enabled=at(2026, 2, 10))
+    with transaction(db) as s:
+        gone = device(s, w, "gone", days=every_day(month_period(2026, 3))[:3])
+        stays = device(s, w, "stays", days=[date(2026, 3, 31)])
+    run(db, at(2026, 4, 1, 1))
+    with db() as s:
+        before = svc.usage_rows(s, admin(p), month_period(2026, 3))
+    with transaction(db) as s:  # after the bill: one device is deleted, the other and its workspace renamed
+        s.execute(delete(Device).where(Device.id == gone.id))
+        s.get(Device, stays.id).hostname = "renamed-host"
+        s.get(Workspace, w.id).name = "Renamed"
+    with db() as s:
+        assert s.get(Device, gone.id) is None
+        assert s.scalars(select(DeviceActivity).where(DeviceActivity.device_id == gone.id)).all() == []
+        stored = s.execute(select(BillDevice.device_id, BillDevice.connection, BillDevice.external_id,
+                                  BillDevice.hostname, BillDevice.workspace, BillDevice.days_active)
+                           .order_by(BillDevice.device_id)).all()
+        after = svc.usage_rows(s, admin(p), month_period(2026, 3))
+    assert stored == [
+        (gone.id, "rmm", "gone", "host-gone", "Main", 3), (stays.id, "rmm", "stays", "host-stays", "Main", 1)]
+    assert after == before
+    assert [(r.connection, r.device_id, r.hostname, r.workspace, r.days_active) for r in after] == [
+        ("rmm", "gone", "host-gone", "Main", 3), ("rmm", "stays", "host-stays", "Main", 1)]
+    report = documents.usage_csv(after).decode()
+    assert "gone,host-gone" in report and "renamed" not in report.lower()
+    assert_second_run_changes_nothing(db, at(2026, 4, 1, 1))
+
+
+def test_m5_m7_a_run_over_many_customers_bills_exactly_what_a_run_over_few_does(db, monkeypatch):
+    """Past _IN_LIMIT customers a run reads activity for all at once (on PostgreSQL: per device first)."""
+    p, acme, w = monthly_setup(db, enabled=at(2026, 2, 10))
+    with transaction(db) as s:
+        device(s, w, "a1", days=every_day(month_period(2026, 3)))
+        device(s, w, "a2", days=[date(2026, 3, 9)])
+        device(s, w, "a-idle")
+        beta = customer(s, p, "Beta", "Pacific/Auckland")
+        late = workspace(s, beta, since=date(2026, 3, 20))  # joined mid-month: only its days on the plan count
+        device(s, late, "b-before", days=[date(2026, 3, 5)])
+        device(s, late, "b-after", days=[date(2026, 3, 5), date(2026, 3, 21), date(2026, 3, 22)])
+        gamma = customer(s, p, "Gamma")
+        plan = svc.create_plan(s, admin(p), name="Managed", price_per_device="7", currency="EUR", now=T0)
+        svc.associate(s, admin(p), plan_id=plan.id, customer_ids=[gamma.id], cycle="monthly",
+                      starts_on=date(2026, 3, 1), due_days=10, email="ap@gamma.example", mail=MAIL, now=T0)
+        device(s, workspace(s, gamma), "g1", days=[date(2026, 3, 30)])
+
+    def drafts() -> list[tuple]:
+        found = run(db, at(2026, 4, 2), dry_run=True).drafts
+        return [(d.customer_name, d.kind, sorted(d.devices.values()), d.total) for d in found]
+
+    few = drafts()
+    monkeypatch.setattr(svc, "_IN_LIMIT", 0)
+    assert drafts() == few == [
+        ("Acme", BillKind.MONTHLY, [1, 31], D("5.00")),
+        ("Beta", BillKind.MONTHLY, [2], D("2.50")),
+        ("Gamma", BillKind.PLAN, [1], D("7.00")),
+    ]
+    billed = run(db, at(2026, 4, 2))
+    with db() as s:
+        rows = s.execute(select(Bill.customer_id, BillDevice.external_id, BillDevice.hostname, BillDevice.workspace,
+                                BillDevice.days_active).join(BillDevice).order_by(BillDevice.external_id)).all()
+    assert len(billed.bill_ids) == 3 and rows == [
+        (acme.id, "a1", "host-a1", "Main", 31), (acme.id, "a2", "host-a2", "Main", 1),
+        (beta.id, "b-after", "host-b-after", "Main", 2), (gamma.id, "g1", "host-g1", "Main", 1),
+    ]
+    assert_second_run_changes_nothing(db, at(2026, 4, 2))
 
 
 def test_m5_activity_before_the_workspace_joined_is_not_billed(db):
@@ -280,7 +350,7 @@ def test_m5_activity_before_the_workspace_joined_is_not_billed(db):
     (bill,) = bills_of(db, kind=BillKind.MONTHLY)
     assert bill.device_count == 2
     with db() as s:
-        days = dict(s.execute(select(Device.external_id, BillDevice.days_active).join(BillDevice)).all())
+        days = dict(s.execute(select(BillDevice.external_id, BillDevice.days_active)).all())
     assert days == {"after": 1, "main": 2}
     assert_second_run_changes_nothing(db, at(2026, 4, 2))
 
@@ -597,22 +667,35 @@ def test_s3_numbers_come_from_the_partners_sequence_and_are_never_reused(db):
         ("ACME-2026-05-000002", BillStatus.ISSUED),
         ("ACME-2026-06-000003", BillStatus.ISSUED),
     ]
-    with transaction(db) as s:  # a second partner with the same prefix would collide: refused, clearly
-        q = partner(s, "MSP Two", prefix="ACME")
-        cq = customer(s, q, "Beta")
-        plan_q = svc.create_plan(s, admin(q), name="P", price_per_device="1", currency="USD", now=T0)
-        svc.associate(s, admin(q), plan_id=plan_q.id, customer_ids=[cq.id], cycle="monthly",
-                      starts_on=date(2026, 5, 1), due_days=1, email="b@beta.example", mail=MAIL, now=T0)
-        device(s, workspace(s, cq), "q", days=[date(2026, 5, 2)])
-    before = snapshot(db)
-    with pytest.raises(Conflict, match="share the invoice prefix 'ACME'"):
-        run(db, at(2026, 6, 1, 1))
-    assert snapshot(db) == before
-    with transaction(db) as s:
-        s.get(Partner, q.id).invoice_prefix = "BETA"
-    run(db, at(2026, 6, 1, 1))
-    assert bills_of(db, partner_id=q.id)[0].number == "BETA-2026-06-000001"
     assert_second_run_changes_nothing(db, at(2026, 6, 1, 1))
+
+
+def test_s3_two_partners_with_the_same_prefix_each_number_from_their_own_sequence(db):
+    devices = {}
+    with transaction(db) as s:
+        for name, client, price in (("MSP One", "Acme", "10"), ("MSP Two", "Beta", "20")):
+            p = partner(s, name, prefix="INV")  # both keep the default prefix
+            c = customer(s, p, client)
+            plan = svc.create_plan(s, admin(p), name="Managed", price_per_device=price, currency="USD", now=T0)
+            svc.associate(s, admin(p), plan_id=plan.id, customer_ids=[c.id], cycle="monthly",
+                          starts_on=date(2026, 3, 1), due_days=10, email="ap@c.example", mail=MAIL, now=T0)
+            devices[p.id] = device(s, workspace(s, c), f"dev-{client}", days=[date(2026, 3, 4)]).external_id
+    run(db, at(2026, 4, 1, 1))
+    bills = bills_of(db)
+    assert sorted(b.partner_id for b in bills) == sorted(devices)
+    assert [b.number for b in bills] == ["INV-2026-04-000001", "INV-2026-04-000001"]
+    # each bill got its own lines and device rows, not those of the other partner's bill with the same number
+    assert sorted((b.partner_id, b.total) for b in bills) == sorted(zip(devices, [D("10.00"), D("20.00")]))
+    with db() as s:
+        rows = s.execute(select(Bill.partner_id, BillDevice.external_id).join(BillDevice)).all()
+    assert sorted(rows) == sorted(devices.items())
+    with db() as s, pytest.raises(IntegrityError):  # unique per partner: a second INV-2026-04-000001 is refused
+        first = bills[0]
+        s.add(Bill(partner_id=first.partner_id, customer_id=first.customer_id, kind=BillKind.PLAN, source_id=999,
+                   number=first.number, period_start=date(2026, 1, 1), period_end=date(2026, 1, 31), currency="USD",
+                   total=D(0), issued_on=date(2026, 2, 1), due_on=date(2026, 2, 1), created_at=T0))
+        s.flush()
+    assert_second_run_changes_nothing(db, at(2026, 4, 1, 1))
 
 
 def test_s3_run_can_leave_drafts_that_are_issued_later(db):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import email
 import io
+import json
 import socket
 from datetime import date, datetime, timezone
 from email.message import EmailMessage
@@ -12,9 +13,12 @@ from email.policy import default as default_policy
 
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 from pypdf import PdfReader
 from sqlalchemy import select
+from structlog.testing import capture_logs
 
+from gateway import hookimpl
 from gateway.app import Gateway
 from gateway.core import bills as svc
 from gateway.core.access import system_principal
@@ -52,19 +56,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+PASSWORD = "smtp-pass-Zq81x"
+
+
+def echoing_rejection(server, session, envelope, mechanism, auth_data) -> AuthResult:
+    """A careless server that refuses every login and repeats the credentials it was given in its reply."""
+    login, password = auth_data.login.decode(), auth_data.password.decode()
+    return AuthResult(success=False, handled=False, message=f"535 5.7.8 login {login}:{password} refused")
+
+
 @pytest.fixture
 def smtp():
-    """Start an SMTP server on 127.0.0.1; yields (inbox, mail settings)."""
+    """Start an SMTP server on 127.0.0.1; yields (inbox, mail settings).
+
+    ``reject_login``: the server asks for a login (as user ``billing``, password ``PASSWORD``) and refuses it.
+    """
     servers = []
 
-    def start(refuse: int = 0, max_attempts: int = 3) -> tuple[Inbox, MailSettings]:
+    def start(refuse: int = 0, max_attempts: int = 3, reject_login: bool = False) -> tuple[Inbox, MailSettings]:
         inbox = Inbox(refuse)
         port = free_port()
-        controller = Controller(inbox, hostname="127.0.0.1", port=port)
+        auth = {"authenticator": echoing_rejection, "auth_require_tls": False} if reject_login else {}
+        controller = Controller(inbox, hostname="127.0.0.1", port=port, **auth)
         controller.start()
         servers.append(controller)
+        credentials = {"username": "billing", "password": PASSWORD} if reject_login else {}
         settings = MailSettings(host="127.0.0.1", port=port, from_address="billing@msp.example", starttls=False,
-                                timeout_seconds=5, max_attempts=max_attempts)
+                                timeout_seconds=5, max_attempts=max_attempts, **credentials)
         return inbox, settings
 
     yield start
@@ -122,7 +140,7 @@ async def test_s2_bill_is_emailed_to_the_associations_address_with_pdf_and_csv(d
     assert recipients == ["ap@acme.example"]
     assert message["From"] == "billing@msp.example"
     assert sent.number in message["Subject"] and "9.99 USD" in message["Subject"]
-    assert message["Message-ID"] == f"<bill-{sent.number}@msp.example>"
+    assert message["Message-ID"] == f"<bill-{sent.partner_id}-{sent.number}@msp.example>"
     files = attachments(message)
     assert set(files) == {f"{sent.number}.pdf", f"{sent.number}.csv"}
     text = PdfReader(io.BytesIO(files[f"{sent.number}.pdf"])).pages[0].extract_text()
@@ -135,16 +153,30 @@ async def test_s2_bill_is_emailed_to_the_associations_address_with_pdf_and_csv(d
     assert again.sent == [] and len(inbox.received) == 1
 
 
+class Notices:
+    """A plugin that keeps what ``gateway_notify`` told it."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    @hookimpl
+    def gateway_notify(self, event, payload):
+        self.events.append((event, dict(payload)))
+
+
 async def test_s2_a_failed_send_is_retried_and_the_bill_sent_once(db, smtp):
     inbox, settings = smtp(refuse=2, max_attempts=3)
     bill_id = billed_world(db, settings)
     delays: list[float] = []
+    notices = Notices()
 
     async def sleep(seconds: float) -> None:
         delays.append(seconds)
 
-    outcome = await mail.send_bill_emails(db, mail=settings, clock=FrozenClock(T0), sleep=sleep, retry_delay=0.5)
+    outcome = await mail.send_bill_emails(db, mail=settings, clock=FrozenClock(T0), sleep=sleep, retry_delay=0.5,
+                                          plugins=get_plugin_manager(extra_plugins=[notices], load_entry_points=False))
     assert outcome.failed == [] and len(outcome.sent) == 1
+    assert notices.events == []  # a send that succeeded in the end is nothing to tell
     assert inbox.refused == 2 and len(inbox.received) == 1
     assert delays == [0.5, 1.0]
     sent = bill(db, bill_id)
@@ -167,6 +199,30 @@ async def test_s2_a_send_that_keeps_failing_is_reported_and_the_bill_kept(db, sm
     retried = await mail.send_bill_emails(db, mail=settings, clock=FrozenClock(T0), bill_ids=[bill_id], sleep=no_sleep)
     assert retried.sent == [failed.number] and len(inbox.received) == 1
     assert bill(db, bill_id).email_attempts == 4
+
+
+async def test_s2_a_bill_whose_email_finally_fails_is_notified_to_plugins_without_the_password(db, smtp):
+    inbox, settings = smtp(max_attempts=2, reject_login=True)
+    bill_id = billed_world(db, settings)
+    notices = Notices()
+    plugins = get_plugin_manager(extra_plugins=[notices], load_entry_points=False)
+    with capture_logs() as logs:
+        outcome = await mail.send_bill_emails(db, mail=settings, clock=FrozenClock(T0), sleep=no_sleep, plugins=plugins)
+    failed = bill(db, bill_id)
+    assert inbox.received == [] and failed.emailed_at is None and failed.email_attempts == 2
+    ((event, payload),) = notices.events
+    assert event == "bill.email_failed"
+    assert payload == {
+        "bill": failed.number, "bill_id": bill_id, "partner_id": failed.partner_id, "customer": "Acme",
+        "customer_id": failed.customer_id, "email": "ap@acme.example", "attempts": 2, "error": failed.email_error,
+    }
+    assert "535" in payload["error"] and "billing:[REDACTED] refused" in payload["error"]
+    json.dumps(payload)  # JSON-serialisable, as the hook promises
+    for seen in (repr(notices.events), failed.email_error, repr(outcome.failed), repr(logs)):
+        assert PASSWORD not in seen
+    # A pass that does not try the bill again (its attempts are used up) announces nothing new.
+    await mail.send_bill_emails(db, mail=settings, clock=FrozenClock(T0), sleep=no_sleep, plugins=plugins)
+    assert len(notices.events) == 1
 
 
 async def test_s2_an_unreachable_server_is_recorded_not_raised(db):

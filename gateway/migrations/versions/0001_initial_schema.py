@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-21 21:35:51.514271
+Create Date: 2026-11-21 22:48:23.951773
 """
 
 from alembic import op
@@ -181,7 +181,7 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['partner_id'], ['partners.id'], name=op.f('fk_bills_partner_id_partners'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_bills')),
     sa.UniqueConstraint('customer_id', 'kind', 'source_id', 'period_start', name=op.f('uq_bills_customer_id_kind_source_id_period_start')),
-    sa.UniqueConstraint('number', name=op.f('uq_bills_number'))
+    sa.UniqueConstraint('partner_id', 'number', name=op.f('uq_bills_partner_id_number'))
     )
     with op.batch_alter_table('bills', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_bills_customer_id'), ['customer_id'], unique=False)
@@ -257,6 +257,18 @@ def upgrade() -> None:
     with op.batch_alter_table('adjustments', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_adjustments_customer_id'), ['customer_id'], unique=False)
 
+    op.create_table('bill_devices',
+    sa.Column('bill_id', sa.Integer(), nullable=False),
+    sa.Column('device_id', sa.Integer(), nullable=False),
+    sa.Column('connection', sa.String(length=100), nullable=False),
+    sa.Column('external_id', sa.String(length=100), nullable=False),
+    sa.Column('hostname', sa.String(length=255), nullable=False),
+    sa.Column('workspace', sa.String(length=200), nullable=False),
+    sa.Column('days_active', sa.Integer(), nullable=False),
+    sa.ForeignKeyConstraint(['bill_id'], ['bills.id'], name=op.f('fk_bill_devices_bill_id_bills'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('bill_id', 'device_id', name=op.f('pk_bill_devices')),
+    sqlite_with_rowid=False
+    )
     op.create_table('bill_lines',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('bill_id', sa.Integer(), nullable=False),
@@ -368,14 +380,6 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_licenses_order_id'), ['order_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_licenses_partner_id'), ['partner_id'], unique=False)
 
-    op.create_table('bill_devices',
-    sa.Column('bill_id', sa.Integer(), nullable=False),
-    sa.Column('device_id', sa.Integer(), nullable=False),
-    sa.Column('days_active', sa.Integer(), nullable=False),
-    sa.ForeignKeyConstraint(['bill_id'], ['bills.id'], name=op.f('fk_bill_devices_bill_id_bills'), ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['device_id'], ['devices.id'], name=op.f('fk_bill_devices_device_id_devices'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('bill_id', 'device_id', name=op.f('pk_bill_devices'))
-    )
     op.create_table('device_activity',
     sa.Column('device_id', sa.Integer(), nullable=False),
     sa.Column('day', sa.Date(), nullable=False),
@@ -437,7 +441,6 @@ def downgrade() -> None:
         batch_op.drop_index('ix_device_activity_day')
 
     op.drop_table('device_activity')
-    op.drop_table('bill_devices')
     with op.batch_alter_table('licenses', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_licenses_partner_id'))
         batch_op.drop_index(batch_op.f('ix_licenses_order_id'))
@@ -458,6 +461,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_bill_lines_bill_id'))
 
     op.drop_table('bill_lines')
+    op.drop_table('bill_devices')
     with op.batch_alter_table('adjustments', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_adjustments_customer_id'))
 
