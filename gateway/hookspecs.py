@@ -106,6 +106,9 @@ def gateway_webhook_received(connection: str, event: "WebhookEvent") -> Awaitabl
 
     Runs inside the transaction that records the event id, so an event whose
     handling fails is not marked as received and the sender's retry is processed.
+    That transaction may hold other events too (the receiver commits a batch at
+    once); each handler call runs in its own savepoint, so a handler that raises
+    undoes only its own work. Use ``event.session`` and never commit it.
 
     :param connection: the connection the webhook was addressed to.
     :param event: id, timestamp, parsed JSON body and headers of the event.
