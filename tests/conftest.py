@@ -100,6 +100,29 @@ def db_engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
     engine.dispose()
 
 
+@pytest.fixture(params=BACKENDS)
+def blank_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An engine on an empty, unmigrated database of the test's own, for migration tests."""
+    if request.param == "sqlite":
+        engine = gdb.make_engine(f"sqlite:///{tmp_path / 'blank.db'}")
+        yield engine
+        engine.dispose()
+        return
+    server = make_url(POSTGRES_URL).set(drivername="postgresql+psycopg")
+    name = f"gw_blank_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    engine = gdb.make_engine(server.set(database=name).render_as_string(hide_password=False))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @pytest.fixture
 def postgres_engine(postgres_server_url: str) -> Iterator[Engine]:
     """PostgreSQL only, for tests of row locking and advisory locks."""

@@ -28,7 +28,8 @@ Decisions the rules leave open, made here:
   partners may use the same prefix.
 - A bill's device rows (M7) are a snapshot of each device as billed, with no
   foreign key to it: usage reports never depend on the device row, and
-  deleting a device keeps the reports it appeared in.
+  deleting a device keeps the reports it appeared in. Nor to their bill: they
+  are written once, with it, and checked against it (``BillDevice`` says why).
 - Pending charges, discounts and credits (S3) go on the customer's next bill
   in their currency, one bill taking them all; a paid bill never changes, a
   correction is a credit on the next bill. A total may go below zero when
@@ -49,7 +50,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 from sqlalchemy import (
-    Boolean,
+    ARRAY,
     Column,
     Date,
     Integer,
@@ -57,6 +58,8 @@ from sqlalchemy import (
     String,
     Table,
     and_,
+    any_,
+    bindparam,
     case,
     func,
     insert,
@@ -835,7 +838,7 @@ def _drop_existing(session: Session, tasks: list[_Task]) -> tuple[list[_Task], i
 #: them back from Python, one row per device, would cost a run more than the rest of its billing.
 _RUN_DEVICES = Table(
     "gateway_run_devices", MetaData(),
-    Column("period_start", Date), Column("period_end", Date), Column("monthly", Boolean),
+    Column("period_start", Date), Column("period_end", Date), Column("kind", String(32)),
     Column("customer_id", Integer), Column("device_id", Integer), Column("days_active", Integer),
     Column("connection", String(100)), Column("external_id", String(100)), Column("hostname", String(255)),
     Column("workspace", String(200)),
@@ -851,7 +854,8 @@ def _activity(
     The devices are also kept, with their snapshots, in ``_RUN_DEVICES`` for :func:`_store_device_rows`.
     """
     in_period = and_(DeviceActivity.day >= period.start, DeviceActivity.day <= period.end)
-    tag = (literal(period.start, Date), literal(period.end, Date), literal(monthly, Boolean))
+    kind = (BillKind.MONTHLY if monthly else BillKind.PLAN).value
+    tag = (literal(period.start, Date), literal(period.end, Date), literal(kind, String))
     snapshot = _SNAPSHOT if _snapshot_while_counting(session) else (null(),) * len(_SNAPSHOT)
     # Workspace -> device -> activity, grouped in that order: SQLite then walks the covering
     # indexes (devices by workspace, activity by device and day) with no sort step. The snapshot
@@ -906,7 +910,7 @@ def _activity(
     result: dict[int, dict[int, int]] = defaultdict(dict)
     for customer_id, device_id, count in _plain_rows(session, select(
         run_devices.customer_id, run_devices.device_id, run_devices.days_active
-    ).where(*_same_period(run_devices, period.start, period.end, monthly))):
+    ).where(*_same_period(run_devices, period.start, period.end, kind))):
         if customer_id in customer_ids:
             result[customer_id][device_id] = count
     return result
@@ -923,9 +927,9 @@ def _snapshot_while_counting(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def _same_period(columns: Any, start: Any, end: Any, monthly: Any) -> tuple[Any, ...]:
-    """``_RUN_DEVICES`` rows of one period (values or another table's columns)."""
-    return (columns.period_start == start, columns.period_end == end, columns.monthly == monthly)
+def _same_period(columns: Any, start: Any, end: Any, kind: Any) -> tuple[Any, ...]:
+    """``_RUN_DEVICES`` rows of one period and kind of bill (values or another table's columns)."""
+    return (columns.period_start == start, columns.period_end == end, columns.kind == kind)
 
 
 def _plain_rows(session: Session, stmt: Any) -> list[tuple[Any, ...]]:
@@ -1098,47 +1102,42 @@ def _store_drafts(
     return ids
 
 
-#: Which bill takes which customer's devices of which period (from ``_RUN_DEVICES``).
-_RUN_BILLS = Table(
-    "gateway_run_bills", MetaData(),
-    Column("bill_id", Integer), Column("period_start", Date), Column("period_end", Date), Column("monthly", Boolean),
-    Column("customer_id", Integer),
-    prefixes=["TEMPORARY"], postgresql_on_commit="DROP",
-)
-
-
 def _store_device_rows(session: Session, bills: list[tuple[int, BillDraft]]) -> None:
     """M7: each bill's device rows with their snapshots, copied inside the database from ``_RUN_DEVICES``.
 
-    The copy is checked against the drafts: it must be exactly their devices.
+    A bill takes its customer's devices of its period and kind; only this run's
+    bills take any. The copy is checked against the drafts: it must be exactly
+    their devices.
     """
     if not bills:
         return
-    connection = session.connection()
-    _RUN_BILLS.drop(connection, checkfirst=True)
-    _RUN_BILLS.create(connection)
-    _bulk_insert(session, _RUN_BILLS, ("bill_id", "period_start", "period_end", "monthly", "customer_id"), [
-        (bill_id, d.period.start, d.period.end, d.kind == BillKind.MONTHLY, d.customer_id) for bill_id, d in bills
-    ])
-    by_bill, found = _RUN_BILLS.c, _RUN_DEVICES.c
+    ids = [bill_id for bill_id, _ in bills]
+    found = _RUN_DEVICES.c
     rows = (
-        select(by_bill.bill_id, found.device_id, found.days_active, found.connection, found.external_id,
-               found.hostname, found.workspace)
-        .select_from(_RUN_BILLS)
-        .join(_RUN_DEVICES, and_(found.customer_id == by_bill.customer_id,
-                                 *_same_period(found, by_bill.period_start, by_bill.period_end, by_bill.monthly)))
+        select(Bill.id, found.device_id, found.days_active, found.connection, found.external_id, found.hostname,
+               found.workspace)
+        .select_from(_RUN_DEVICES)
+        .join(Bill, and_(Bill.customer_id == found.customer_id,
+                         *_same_period(found, Bill.period_start, Bill.period_end, Bill.kind)))
+        .where(Bill.id.between(min(ids), max(ids)))
     )
+    if len(ids) != max(ids) - min(ids) + 1:
+        # Another transaction's bills got ids among this run's (PostgreSQL's sequence serves concurrent
+        # inserts; SQLite has one writer). One of them may be for a customer and period found here.
+        if session.get_bind().dialect.name == "postgresql":
+            rows = rows.where(Bill.id == any_(bindparam("run_bill_ids", ids, type_=ARRAY(Integer))))
+        else:
+            rows = rows.where(Bill.id.in_(ids))
     if not _snapshot_while_counting(session):
         rows = (
-            rows.with_only_columns(by_bill.bill_id, found.device_id, found.days_active, *_SNAPSHOT)
+            rows.with_only_columns(Bill.id, found.device_id, found.days_active, *_SNAPSHOT)
             .join(Device, Device.id == found.device_id)
             .join(Workspace, Workspace.id == Device.workspace_id)
         )
     copy = insert(BillDevice.__table__).from_select(
         ["bill_id", "device_id", "days_active", "connection", "external_id", "hostname", "workspace"], rows
     )
-    copied = connection.execute(copy.execution_options(preserve_rowcount=True)).rowcount
-    _RUN_BILLS.drop(connection)
+    copied = session.connection().execute(copy.execution_options(preserve_rowcount=True)).rowcount
     expected = sum(len(d.devices) for _, d in bills)
     if copied != expected:  # the drafts were read from the same rows: this is a bug, never a state of the data
         raise RuntimeError(f"billing run: {copied} device rows copied for {expected} billed devices")

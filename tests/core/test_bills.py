@@ -331,7 +331,7 @@ def test_m5_m7_a_run_over_many_customers_bills_exactly_what_a_run_over_few_does(
     billed = run(db, at(2026, 4, 2))
     with db() as s:
         rows = s.execute(select(Bill.customer_id, BillDevice.external_id, BillDevice.hostname, BillDevice.workspace,
-                                BillDevice.days_active).join(BillDevice).order_by(BillDevice.external_id)).all()
+                                BillDevice.days_active).join(BillDevice, BillDevice.bill_id == Bill.id).order_by(BillDevice.external_id)).all()
     assert len(billed.bill_ids) == 3 and rows == [
         (acme.id, "a1", "host-a1", "Main", 31), (acme.id, "a2", "host-a2", "Main", 1),
         (beta.id, "b-after", "host-b-after", "Main", 2), (gamma.id, "g1", "host-g1", "Main", 1),
@@ -687,7 +687,7 @@ def test_s3_two_partners_with_the_same_prefix_each_number_from_their_own_sequenc
     # each bill got its own lines and device rows, not those of the other partner's bill with the same number
     assert sorted((b.partner_id, b.total) for b in bills) == sorted(zip(devices, [D("10.00"), D("20.00")]))
     with db() as s:
-        rows = s.execute(select(Bill.partner_id, BillDevice.external_id).join(BillDevice)).all()
+        rows = s.execute(select(Bill.partner_id, BillDevice.external_id).join(BillDevice, BillDevice.bill_id == Bill.id)).all()
     assert sorted(rows) == sorted(devices.items())
     with db() as s, pytest.raises(IntegrityError):  # unique per partner: a second INV-2026-04-000001 is refused
         first = bills[0]
@@ -842,6 +842,49 @@ def test_s8_customer_admin_sees_only_their_customers_bills_and_changes_nothing(d
         with pytest.raises(NotFound):  # another partner's admin sees nothing of this partner
             svc.get_bill(s, system_principal(p.id + 100, "x"), mine.id)
     assert_second_run_changes_nothing(db, at(2026, 4, 1, 1))
+
+
+def test_m7_usage_rows_go_to_this_runs_bills_when_another_transactions_bill_got_an_id_among_them(postgres_engine):
+    """Usage rows are copied to bills by customer, period and kind within this run's ids. On PostgreSQL a
+    concurrent insert can take an id in between; a trigger plays that insert here, for the same customer,
+    kind and cycle (another plan association), so only matching by the run's exact ids keeps it empty."""
+    from gateway.core import db as gdb
+
+    db = gdb.session_factory(postgres_engine)
+    p, c, w, plan, assoc = plan_setup(db, starts_on=date(2026, 3, 1))
+    with transaction(db) as s:
+        beta = customer(s, p, "Beta")
+        svc.associate(s, admin(p), plan_id=plan.id, customer_ids=[beta.id], cycle="monthly",
+                      starts_on=date(2026, 3, 1), due_days=10, email="ap@beta.example", mail=MAIL, now=T0)
+        device(s, w, "dev-acme", days=[date(2026, 3, 4)])
+        device(s, workspace(s, beta), "dev-beta", days=[date(2026, 3, 5), date(2026, 3, 6)])
+    with postgres_engine.begin() as connection:
+        connection.exec_driver_sql("""
+            CREATE FUNCTION test_interleave() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF pg_trigger_depth() = 1 THEN
+                    INSERT INTO bills (partner_id, customer_id, kind, source_id, number, period_start, period_end,
+                                       currency, device_count, total, status, issued_on, due_on, created_at,
+                                       email_attempts)
+                    VALUES (NEW.partner_id, NEW.customer_id, NEW.kind, NEW.source_id + 1000, 'OTHER-' || NEW.number,
+                            NEW.period_start, NEW.period_end, NEW.currency, 0, 0, 'draft', NEW.issued_on,
+                            NEW.due_on, NEW.created_at, 0);
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER test_interleave BEFORE INSERT ON bills FOR EACH ROW EXECUTE FUNCTION test_interleave();
+        """)
+    try:
+        run(db, at(2026, 4, 1, 1))
+    finally:
+        with postgres_engine.begin() as connection:
+            connection.exec_driver_sql("DROP TRIGGER test_interleave ON bills; DROP FUNCTION test_interleave()")
+    with db() as s:
+        rows = s.execute(select(Bill.number, BillDevice.external_id, BillDevice.days_active)
+                         .join(BillDevice, BillDevice.bill_id == Bill.id).order_by(Bill.number)).all()
+        ids = s.scalars(select(Bill.id).order_by(Bill.id)).all()
+    assert [tuple(r) for r in rows] == [("INV-2026-04-000001", "dev-acme", 1), ("INV-2026-04-000002", "dev-beta", 2)]
+    assert len(ids) == 4 and ids[-1] - ids[0] == 3  # the other bills took ids among this run's
 
 
 def test_s3_concurrent_runs_on_postgresql_bill_each_cycle_once_with_unique_numbers(postgres_engine):

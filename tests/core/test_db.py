@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import select
+from sqlalchemy import insert, inspect, select
 
 from gateway.core import db as gdb
-from gateway.core.models import Base, BillLine, Bill, BillKind, Customer, Partner
+from gateway.core.models import Base, Bill, BillDevice, BillKind, BillLine, Customer, Partner
 from gateway.errors import DatabaseError
 
 
@@ -25,6 +26,42 @@ def test_migrations_produce_exactly_the_models_schema(db_engine):
 def test_schema_is_current_after_upgrade(db_engine):
     gdb.check_schema_current(db_engine)
     assert gdb.current_revision(db_engine) == gdb.head_revision()
+
+
+def test_m7_upgrade_from_0001_keeps_usage_rows_and_drops_their_bill_key(blank_engine):
+    """0002 takes the foreign key off ``bill_devices`` (see BillDevice) without losing a row; 0001 puts it back."""
+    config = gdb.alembic_config(blank_engine)
+    command.upgrade(config, "0001")
+    at = datetime(2026, 4, 2, tzinfo=timezone.utc)
+    with blank_engine.begin() as connection:
+        connection.execute(insert(Partner.__table__).values(id=1, name="P", created_at=at))
+        connection.execute(insert(Customer.__table__).values(id=1, partner_id=1, name="C", timezone="UTC",
+                                                             created_at=at))
+        connection.execute(insert(Bill.__table__).values(
+            id=7, partner_id=1, customer_id=1, kind=BillKind.MONTHLY, source_id=1, number="INV-2026-04-000001",
+            period_start=date(2026, 3, 1), period_end=date(2026, 3, 31), currency="USD", total=Decimal("5"),
+            issued_on=at.date(), due_on=at.date(), created_at=at))
+        connection.execute(insert(BillDevice.__table__), [
+            {"bill_id": 7, "device_id": d, "connection": "ninja", "external_id": str(d), "hostname": f"pc-{d}",
+             "workspace": "Main", "days_active": d} for d in (1, 2)
+        ])
+
+    def state() -> tuple[list[tuple[object, ...]], list[str]]:
+        with blank_engine.connect() as connection:
+            rows = connection.execute(select(BillDevice.__table__).order_by(BillDevice.device_id)).all()
+        keys = [fk["referred_table"] for fk in inspect(blank_engine).get_foreign_keys("bill_devices")]
+        return [tuple(row) for row in rows], keys
+
+    before, keys = state()
+    assert keys == ["bills"] and len(before) == 2
+    command.upgrade(config, "head")
+    assert state() == (before, [])
+    if blank_engine.dialect.name == "sqlite":  # the copy SQLite's batch mode makes is still one b-tree
+        with blank_engine.connect() as connection:
+            sql = connection.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'bill_devices'").scalar()
+        assert "WITHOUT ROWID" in sql
+    command.downgrade(config, "0001")
+    assert state() == (before, ["bills"])
 
 
 def test_out_of_date_schema_refuses_with_instruction(tmp_path):
