@@ -28,7 +28,7 @@ disturbed by the neighbours. Every round's figures are printed too.
 Peak RSS is the process's maximum resident set, generation of the data included.
 The last line is the machine-readable result.
 
-    python bench/billing_run.py [--customers 10000] [--devices 200000] [--rounds 3]
+    python bench/billing_run.py [--customers 10000] [--devices 200000] [--rounds 5]
     python bench/billing_run.py --backend postgresql --database-url postgresql://postgres@127.0.0.1:5432/test
 """
 
@@ -272,7 +272,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--devices", type=int, default=200_000)
     parser.add_argument("--partners", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--rounds", type=int, default=3, help="floor and gateway timings per run; the best counts")
+    parser.add_argument("--rounds", type=int, default=5, help="floor and gateway timings per run; the best counts")
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default=None,
                         help="sqlite (a temporary file; the default) or postgresql (a scratch database on the server "
                         "of --database-url)")
