@@ -18,9 +18,11 @@ each bill also gets its outbox delivery.
   indexes and foreign keys included), rolled back.
 
 Both are measured in each of ``--rounds`` rounds (floor first, so the gateway
-never has the warmer cache); after a round, outside the clock, the run's bills
-and everything they brought are deleted and the store is checkpointed
-(SQLite) or vacuumed (PostgreSQL), so every round starts from the same state.
+never has the warmer cache). Before each round, outside the clock, a previous
+run's bills and everything they brought are removed and the store is compacted
+(SQLite: VACUUM; PostgreSQL: TRUNCATE, identities restarted), so every round,
+the first included, starts from the same state and no round writes into space
+an earlier one freed.
 The best round of each counts: on a shared machine a single timing of either
 varies by a third from process to process, and the minimum is the figure least
 disturbed by the neighbours. Every round's figures are printed too.
@@ -59,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gateway.core import db as gdb  # noqa: E402
 from gateway.core.bills import run_billing  # noqa: E402
 from gateway.core.models import (  # noqa: E402
+    Adjustment,
     Bill,
     BillDevice,
     BillKind,
@@ -189,18 +192,28 @@ def run_gateway(engine: Engine) -> tuple[float, int]:
     return time.perf_counter() - started, len(run.bill_ids)
 
 
+#: What a billing run writes (besides the partners' bill sequences), children first.
+RUN_TABLES = (BillDevice, BillLine, Delivery, Adjustment, JobRun, Bill)
+
+
 def reset(engine: Engine) -> None:
-    """Undo a gateway run (its bills, their lines, device rows and deliveries, the report queue, the
-    bill sequences) and settle the store as a quiet period would: checkpointed or vacuumed."""
+    """Remove a gateway run (its bills, their lines, device rows and deliveries, the report queue,
+    the bill sequences) and compact the store, so the next round writes into fresh space as the
+    first one does."""
+    names = ", ".join(model.__tablename__ for model in RUN_TABLES)
     with engine.begin() as connection:
-        for model in (BillDevice, BillLine, Delivery, JobRun, Bill):
-            connection.execute(delete(model))
+        if engine.dialect.name == "sqlite":
+            for model in RUN_TABLES:
+                connection.execute(delete(model))
+        else:
+            connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY"))
         connection.execute(update(Partner).values(next_bill_number=1))
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         if engine.dialect.name == "sqlite":
+            connection.execute(text("VACUUM"))
             connection.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
         else:
-            connection.execute(text("VACUUM ANALYZE bills, bill_lines, bill_devices, deliveries, job_runs, partners"))
+            connection.execute(text(f"VACUUM ANALYZE {names}, partners"))
 
 
 def count(engine: Engine, model: Any) -> int:
@@ -246,8 +259,7 @@ def main(args: argparse.Namespace) -> None:
               f"setup_s={setup_s:.1f}")
         floors, gateways = [], []
         for round_ in range(1, args.rounds + 1):
-            if round_ > 1:
-                reset(engine)
+            reset(engine)
             floor_s, floor_bills = run_floor(engine)
             gateway_s, bills = run_gateway(engine)
             billed_devices, deliveries = count(engine, BillDevice), count(engine, Delivery)
@@ -266,13 +278,21 @@ def main(args: argparse.Namespace) -> None:
           f"floor_s={floor_s:.2f} rounds={args.rounds} peak_rss_mb={rss_mb:.0f}")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--customers", type=int, default=10_000)
     parser.add_argument("--devices", type=int, default=200_000)
     parser.add_argument("--partners", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--rounds", type=int, default=5, help="floor and gateway timings per run; the best counts")
+    parser.add_argument("--rounds", type=_positive, default=5, help="floor and gateway timings per run; the best "
+                        "counts")
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default=None,
                         help="sqlite (a temporary file; the default) or postgresql (a scratch database on the server "
                         "of --database-url)")

@@ -1094,7 +1094,7 @@ def _store_drafts(
         adjustment_rows.extend({"id": adjustment, "applied_to_bill_id": bill_id} for adjustment in draft.adjustment_ids)
     _bulk_insert(session, BillLine.__table__,
                  ("bill_id", "position", "kind", "description", "quantity", "unit_price", "amount"), line_rows)
-    _store_device_rows(session, [(bill_id, d) for bill_id, d in zip(ids, drafts) if d.devices])
+    _store_device_rows(session, ids, drafts)
     if adjustment_rows:
         session.execute(update(Adjustment), adjustment_rows)
     if issue:
@@ -1102,16 +1102,16 @@ def _store_drafts(
     return ids
 
 
-def _store_device_rows(session: Session, bills: list[tuple[int, BillDraft]]) -> None:
+def _store_device_rows(session: Session, ids: Sequence[int], drafts: Sequence[BillDraft]) -> None:
     """M7: each bill's device rows with their snapshots, copied inside the database from ``_RUN_DEVICES``.
 
     A bill takes its customer's devices of its period and kind; only this run's
-    bills take any. The copy is checked against the drafts: it must be exactly
-    their devices.
+    bills (``ids``, in the order of ``drafts``) take any. The copy is checked
+    against the drafts: it must be exactly their devices.
     """
-    if not bills:
+    expected = sum(len(d.devices) for d in drafts)
+    if not expected:
         return
-    ids = [bill_id for bill_id, _ in bills]
     found = _RUN_DEVICES.c
     rows = (
         select(Bill.id, found.device_id, found.days_active, found.connection, found.external_id, found.hostname,
@@ -1122,12 +1122,10 @@ def _store_device_rows(session: Session, bills: list[tuple[int, BillDraft]]) -> 
         .where(Bill.id.between(min(ids), max(ids)))
     )
     if len(ids) != max(ids) - min(ids) + 1:
-        # Another transaction's bills got ids among this run's (PostgreSQL's sequence serves concurrent
-        # inserts; SQLite has one writer). One of them may be for a customer and period found here.
-        if session.get_bind().dialect.name == "postgresql":
-            rows = rows.where(Bill.id == any_(bindparam("run_bill_ids", ids, type_=ARRAY(Integer))))
-        else:
-            rows = rows.where(Bill.id.in_(ids))
+        # Another transaction's bills got ids among this run's, which one bulk insert numbered: only
+        # PostgreSQL's sequences serve concurrent inserts (SQLite has one writer at a time). One of
+        # them may be for a customer, period and kind found here, so the run's ids are matched exactly.
+        rows = rows.where(Bill.id == any_(bindparam("run_bill_ids", list(ids), type_=ARRAY(Integer))))
     if not _snapshot_while_counting(session):
         rows = (
             rows.with_only_columns(Bill.id, found.device_id, found.days_active, *_SNAPSHOT)
@@ -1138,7 +1136,6 @@ def _store_device_rows(session: Session, bills: list[tuple[int, BillDraft]]) -> 
         ["bill_id", "device_id", "days_active", "connection", "external_id", "hostname", "workspace"], rows
     )
     copied = session.connection().execute(copy.execution_options(preserve_rowcount=True)).rowcount
-    expected = sum(len(d.devices) for _, d in bills)
     if copied != expected:  # the drafts were read from the same rows: this is a bug, never a state of the data
         raise RuntimeError(f"billing run: {copied} device rows copied for {expected} billed devices")
 

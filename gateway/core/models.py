@@ -555,13 +555,13 @@ class BillDevice(Base):
     on the device row, which may change or be deleted after the bill.
 
     Deliberately no foreign key to ``bills`` either. The rows are an archive written
-    once, by the statement that stores their bill's run, in that bill's transaction,
-    and checked there against the bill's device count; bills are never deleted
-    (a wrong one is voided, S3), so there is no cascade to keep. On PostgreSQL the
-    key's check is a trigger call per row: a run writes a row per billed device, and
-    those checks were 25-30% of a 10,000-customer run (bench/billing_run.py). Reads
-    join the rows to their bill, so a row whose bill were removed by hand would
-    simply not be reported.
+    once, by one statement of their bill's run, in that bill's transaction, and
+    checked there against the run's device count; the gateway never deletes a bill
+    (a wrong one is voided, S3). On PostgreSQL the key's check is a trigger call per
+    row: a run writes a row per billed device, and those checks were 25-30% of a
+    10,000-customer run (bench/billing_run.py). What the key's cascade did when a
+    bill is deleted by hand, or with its customer or partner, the ``bills_delete_usage``
+    trigger of migration 0002 does, at no cost to inserts.
     """
 
     __tablename__ = "bill_devices"

@@ -844,6 +844,31 @@ def test_s8_customer_admin_sees_only_their_customers_bills_and_changes_nothing(d
     assert_second_run_changes_nothing(db, at(2026, 4, 1, 1))
 
 
+def test_m7_s3_a_bill_of_charges_alone_between_device_bills_gets_no_usage_rows(db):
+    p, c, w, plan, assoc = plan_setup(db, starts_on=date(2026, 3, 1))
+    with transaction(db) as s:
+        device(s, w, "dev-acme", days=[date(2026, 3, 4)])
+        for name in ("Beta", "Gamma"):
+            other = customer(s, p, name)
+            svc.associate(s, admin(p), plan_id=plan.id, customer_ids=[other.id], cycle="monthly",
+                          starts_on=date(2026, 3, 1), due_days=10, email=f"ap@{name.lower()}.example", mail=MAIL, now=T0)
+            if name == "Beta":  # no device active in March, one charge waiting
+                device(s, workspace(s, other), "dev-beta-idle")
+                svc.add_adjustment(s, admin(p), customer_id=other.id, kind="charge", description="On-site visit",
+                                   amount="75.00", currency="USD", now=at(2026, 3, 5))
+            else:
+                device(s, workspace(s, other), "dev-gamma", days=[date(2026, 3, 9), date(2026, 3, 10)])
+    run(db, at(2026, 4, 1, 1))
+    with db() as s:
+        rows = s.execute(select(Customer.name, Bill.total, BillDevice.external_id, BillDevice.days_active)
+                         .join(Bill, Bill.customer_id == Customer.id)
+                         .outerjoin(BillDevice, BillDevice.bill_id == Bill.id).order_by(Bill.id)).all()
+    assert [tuple(r) for r in rows] == [
+        ("Acme", D("10.00"), "dev-acme", 1), ("Beta", D("75.00"), None, None), ("Gamma", D("10.00"), "dev-gamma", 2),
+    ]
+    assert_second_run_changes_nothing(db, at(2026, 4, 1, 1))
+
+
 def test_m7_usage_rows_go_to_this_runs_bills_when_another_transactions_bill_got_an_id_among_them(postgres_engine):
     """Usage rows are copied to bills by customer, period and kind within this run's ids. On PostgreSQL a
     concurrent insert can take an id in between; a trigger plays that insert here, for the same customer,

@@ -9,7 +9,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import insert, inspect, select
+from sqlalchemy import delete, insert, inspect, select
 
 from gateway.core import db as gdb
 from gateway.core.models import Base, Bill, BillDevice, BillKind, BillLine, Customer, Partner
@@ -46,22 +46,53 @@ def test_m7_upgrade_from_0001_keeps_usage_rows_and_drops_their_bill_key(blank_en
              "workspace": "Main", "days_active": d} for d in (1, 2)
         ])
 
-    def state() -> tuple[list[tuple[object, ...]], list[str]]:
+    def state() -> tuple[list[tuple[object, ...]], list[tuple[str, str | None]]]:
         with blank_engine.connect() as connection:
             rows = connection.execute(select(BillDevice.__table__).order_by(BillDevice.device_id)).all()
-        keys = [fk["referred_table"] for fk in inspect(blank_engine).get_foreign_keys("bill_devices")]
+            if blank_engine.dialect.name == "sqlite":  # the copies SQLite's batch mode makes stay one b-tree
+                sql = connection.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'bill_devices'").scalar()
+                assert "WITHOUT ROWID" in sql
+        keys = [(fk["referred_table"], fk["options"].get("ondelete"))
+                for fk in inspect(blank_engine).get_foreign_keys("bill_devices")]
         return [tuple(row) for row in rows], keys
 
     before, keys = state()
-    assert keys == ["bills"] and len(before) == 2
+    assert keys == [("bills", "CASCADE")] and len(before) == 2
     command.upgrade(config, "head")
     assert state() == (before, [])
-    if blank_engine.dialect.name == "sqlite":  # the copy SQLite's batch mode makes is still one b-tree
-        with blank_engine.connect() as connection:
-            sql = connection.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'bill_devices'").scalar()
-        assert "WITHOUT ROWID" in sql
     command.downgrade(config, "0001")
-    assert state() == (before, ["bills"])
+    assert state() == (before, [("bills", "CASCADE")])
+
+
+def test_m7_deleting_a_bill_or_its_customer_deletes_its_usage_rows(db_engine):
+    """No foreign key, but the same cascade: migration 0002's trigger on ``bills``, on either database."""
+    at = datetime(2026, 4, 2, tzinfo=timezone.utc)
+    with db_engine.begin() as connection:
+        connection.execute(insert(Partner.__table__).values(id=1, name="P", created_at=at))
+        connection.execute(insert(Customer.__table__), [
+            {"id": c, "partner_id": 1, "name": f"C{c}", "timezone": "UTC", "created_at": at} for c in (1, 2)
+        ])
+        connection.execute(insert(Bill.__table__), [
+            {"id": b, "partner_id": 1, "customer_id": c, "kind": BillKind.MONTHLY, "source_id": b,
+             "number": f"INV-{b}", "period_start": date(2026, 3, 1), "period_end": date(2026, 3, 31),
+             "currency": "USD", "total": Decimal("5"), "issued_on": at.date(), "due_on": at.date(), "created_at": at}
+            for b, c in ((1, 1), (2, 1), (3, 2))
+        ])
+        connection.execute(insert(BillDevice.__table__), [
+            {"bill_id": b, "device_id": d, "connection": "ninja", "external_id": str(d), "hostname": f"pc-{d}",
+             "workspace": "Main", "days_active": 3} for b in (1, 2, 3) for d in (10, 11)
+        ])
+
+    def usage() -> list[int]:
+        with db_engine.connect() as connection:
+            return list(connection.execute(select(BillDevice.bill_id).order_by(BillDevice.bill_id)).scalars())
+
+    with db_engine.begin() as connection:
+        connection.execute(delete(Bill.__table__).where(Bill.id == 1))
+    assert usage() == [2, 2, 3, 3]
+    with db_engine.begin() as connection:  # the customer's bills go by the foreign key's cascade, their rows with them
+        connection.execute(delete(Customer.__table__).where(Customer.id == 1))
+    assert usage() == [3, 3]
 
 
 def test_out_of_date_schema_refuses_with_instruction(tmp_path):
