@@ -210,6 +210,12 @@ def cycle_at(anchor: date, cycle: BillingCycle, day: date) -> Period:
             return period
 
 
+def billed_through(anchor: date, cycle: BillingCycle, ends_on: date) -> date | None:
+    """S6: the last day an ended association bills: the end of the cycle it ended in (billed in
+    full); None when it ended before its first cycle began."""
+    return cycle_at(anchor, cycle, ends_on).end if ends_on >= anchor else None
+
+
 def cycles_ending_within(
     anchor: date, cycle: BillingCycle, window: Period, *, ends_on: date | None = None
 ) -> list[Period]:
@@ -218,7 +224,7 @@ def cycles_ending_within(
     S6 decision: the cycle in which the plan is dissociated is billed in full;
     later cycles are not billed.
     """
-    last_allowed = cycle_at(anchor, cycle, ends_on).end if ends_on and ends_on >= anchor else None
+    last_allowed = billed_through(anchor, cycle, ends_on) if ends_on is not None else None
     if ends_on is not None and ends_on < anchor:
         return []
     first_day = max(window.start, anchor)

@@ -325,7 +325,9 @@ def associate(
 ) -> list[PlanAssociation]:
     """S2: associate a plan with customers: cycle, start date, due days, the e-mail the bills go to.
 
-    Decision: a customer may hold several plans, but one plan only once at a time.
+    Decision: a customer may hold several plans, but one plan only once at a time;
+    after a dissociation, a new association of the same plan starts after the last
+    day the ended one bills (S6), so no day is billed twice.
     """
     require_admin(principal, "service plan")
     require_mail(mail)
@@ -356,6 +358,22 @@ def associate(
             raise Conflict(
                 f"customer {customer.name!r} is already on plan {plan.name!r} (association {current.id})",
                 field="customer_ids",
+            )
+        ended = session.scalars(
+            select(PlanAssociation).where(
+                PlanAssociation.plan_id == plan.id,
+                PlanAssociation.customer_id == customer.id,
+                PlanAssociation.ends_on.is_not(None),
+            )
+        )
+        billed = [day for a in ended if (day := rules.billed_through(a.starts_on, a.cycle, a.ends_on)) is not None]
+        if billed and starts_on <= max(billed):
+            last = max(billed)
+            raise Conflict(
+                f"customer {customer.name!r} is billed on plan {plan.name!r} through {last} (the cycle of its "
+                f"dissociation is billed in full, S6); start the new association on {last + timedelta(days=1)} "
+                "or later",
+                field="starts_on",
             )
         association = PlanAssociation(
             plan_id=plan.id,
@@ -458,6 +476,8 @@ def enable_monthly(
         state = f"cancelled, ending {sub.ends_on}; reactivate it instead" if sub.ends_on else "already enabled"
         raise Conflict(f"monthly billing is {state}")
     currency = rules.check_currency(settings.default_currency)
+    if sub is not None:
+        _bill_before_enabling_anew(session, sub, now=now, settings=settings, plugins=plugins)
     if sub is None:
         sub = MonthlySubscription(partner_id=partner.id, enabled_at=now, timezone=tz,
                                   price_per_device=settings.monthly_price_per_device, currency=currency)
@@ -483,6 +503,40 @@ def enable_monthly(
     ids = _store_drafts(session, [draft], now=now, issue=True, billing=settings)
     log.info("billing.monthly_enabled", partner=partner.id, first_charge=rules.first_charge_date(enabled_on).isoformat())
     return sub, session.get_one(Bill, ids[0])
+
+
+def _bill_before_enabling_anew(
+    session: Session,
+    sub: MonthlySubscription,
+    *,
+    now: datetime,
+    settings: BillingSettings,
+    plugins: GatewayPluginManager | None,
+) -> None:
+    """M8: bill what an ended subscription still owes before it is enabled anew, or refuse.
+
+    Enabling again gives the subscription a new first full month (M4) and its
+    workspaces rejoin from then on, which hides the months before its end from
+    every later run. So its last month, and the one before as an unattended run
+    would catch up, are billed now, in this transaction. A customer whose local
+    calendar has not finished the last month cannot be billed for it yet (S4):
+    then enabling waits, and says until when.
+    """
+    assert sub.ends_on is not None  # an active subscription is refused before this
+    last_month = rules.month_of(sub.ends_on)
+    zones = set(session.scalars(
+        select(Customer.timezone).join(Workspace, Workspace.customer_id == Customer.id)
+        .where(Customer.partner_id == sub.partner_id, Workspace.monthly_billing_since.is_not(None))
+    ))
+    waiting = sorted(tz for tz in zones if not rules.is_over(last_month, _today(now, tz)))
+    if waiting:
+        over_at = max(rules.local_midnight(sub.ends_on + timedelta(days=1), tz) for tz in waiting)
+        raise Conflict(
+            f"monthly billing ended on {sub.ends_on}, and its last month is not over yet for customers in "
+            f"{', '.join(waiting)}, so it cannot be billed yet; enable it again from {over_at.isoformat()}"
+        )
+    window = Period(rules.month_of(last_month.start - timedelta(days=1)).start, last_month.end)
+    run_billing(session, now=now, billing=settings, plugins=plugins, period=window, partner_id=sub.partner_id)
 
 
 def join_monthly(
@@ -1394,12 +1448,22 @@ def void_bill(session: Session, principal: Principal, bill_id: int, *, now: date
 
     Decision: deliveries still pending are dead-lettered with the reason, so no
     PSA receives a void bill; one already delivered must be voided in the PSA too
-    (the gateway says so in the log). Its adjustments return to the queue.
+    (the gateway says so in the log). Its adjustments return to the queue. A bill
+    already corrected by a credit cannot be voided: that would correct it twice.
     """
     require_admin(principal, "bill")
     bill = get_bill(session, principal, bill_id, lock=True)
     if bill.status in (BillStatus.PAID, BillStatus.VOID):
         raise _unchangeable(bill)
+    credits = list(session.scalars(_credits_of(bill)))
+    if credits:
+        total = rules.round_money(-sum((c.amount for c in credits), Decimal(0)), bill.currency)
+        raise Conflict(
+            f"bill {bill.number} was corrected by credits of {total} {bill.currency} (adjustments "
+            f"{', '.join(str(c.id) for c in credits)}); voiding it would correct it twice: credit the rest "
+            "of its total instead",
+            field="status",
+        )
     bill.status = BillStatus.VOID
     bill.voided_at = now
     session.execute(
@@ -1477,13 +1541,7 @@ def credit_bill(session: Session, principal: Principal, bill_id: int, *, amount:
     if bill.status in (BillStatus.DRAFT, BillStatus.VOID):
         raise Conflict(f"bill {bill.number} is {bill.status.value}; only an issued or paid bill can be credited", field="status")
     value = rules.round_money(abs(rules.to_money(amount)), bill.currency)
-    earlier = session.scalars(
-        select(Adjustment.amount).where(
-            Adjustment.customer_id == bill.customer_id, Adjustment.kind == "credit",
-            Adjustment.description.like(f"Credit for {bill.number}:%"),
-        )
-    )
-    already = -sum(earlier, Decimal(0))  # money is summed in Python, exactly, on every database
+    already = -sum((c.amount for c in session.scalars(_credits_of(bill))), Decimal(0))  # exact, on every database
     if value + already > bill.total:
         raise DomainError(
             f"credits for bill {bill.number} would total {value + already} {bill.currency}, more than the bill's "
@@ -1491,6 +1549,14 @@ def credit_bill(session: Session, principal: Principal, bill_id: int, *, amount:
     return add_adjustment(session, principal, customer_id=bill.customer_id, kind="credit",
                           description=f"Credit for {bill.number}: {reason or 'correction'}", amount=-value,
                           currency=bill.currency, now=now)
+
+
+def _credits_of(bill: Bill):  # type: ignore[no-untyped-def]
+    """The credits made for ``bill`` (pending or applied): the customer's credits that name its number."""
+    return select(Adjustment).where(
+        Adjustment.customer_id == bill.customer_id, Adjustment.kind == "credit",
+        Adjustment.description.startswith(f"Credit for {bill.number}:", autoescape=True),
+    ).order_by(Adjustment.id)
 
 
 # --- reports (M6, M7) --------------------------------------------------------------------------

@@ -427,6 +427,27 @@ def test_m8_cancel_with_each_offered_end_date_bills_up_to_that_month(db, choice)
     assert_second_run_changes_nothing(db, at(2026, 10, 1, 1))
 
 
+def test_m8_enabling_again_bills_the_last_month_first_and_waits_for_far_zones(db):
+    """Enabling anew restarts the first full month (M4); the ended subscription's last month must be billed
+    first, and cannot be while a customer's local March is not over (Pago Pago is UTC-11)."""
+    p, c, w = monthly_setup(db, enabled=at(2026, 1, 10), tz="Pacific/Pago_Pago")
+    with transaction(db) as s:
+        device(s, w, "a", days=[date(2026, 3, 30), date(2026, 3, 31)])
+    with transaction(db) as s:
+        svc.cancel_monthly(s, admin(p), now=at(2026, 3, 10), ends_on=date(2026, 3, 31), confirm=True)
+    with transaction(db) as s, pytest.raises(Conflict, match=r"last month is not over yet for customers in "
+                                            r"Pacific/Pago_Pago.*from 2026-04-01T11:00:00\+00:00"):
+        svc.enable_monthly(s, admin(p), settings=BILLING, now=at(2026, 4, 1, 5))  # 31 March, 18:00 in Pago Pago
+    assert bills_of(db, kind=BillKind.MONTHLY) == []  # the run of 1 April (UTC) found March not over there
+    with transaction(db) as s:
+        svc.enable_monthly(s, admin(p), settings=BILLING, now=at(2026, 4, 1, 12))
+        svc.join_monthly(s, admin(p), workspace_id=w.id, max_devices=100, now=at(2026, 4, 1, 12))
+    (march,) = bills_of(db, kind=BillKind.MONTHLY)
+    assert (march.period_start, march.device_count, march.total) == (date(2026, 3, 1), 1, D("2.50"))
+    assert [b.period_start for b in bills_of(db, kind=BillKind.ACTIVATION)] == [date(2026, 1, 10), date(2026, 4, 1)]
+    assert_second_run_changes_nothing(db, at(2026, 4, 2, 12))
+
+
 def test_m8_reactivation_before_the_final_billing_date_keeps_billing(db):
     p, c, w = monthly_setup(db, enabled=at(2026, 2, 10))
     with transaction(db) as s:
@@ -585,6 +606,29 @@ def test_s6_dissociated_customers_get_no_bill_after_the_current_cycle(db):
 # --- S3: status, lines, numbers, corrections ------------------------------------------------------
 
 
+def test_s6_associating_again_after_dissociation_starts_after_the_last_billed_day(db):
+    p, c, w, plan, assoc = plan_setup(db, starts_on=date(2026, 1, 15))
+    with transaction(db) as s:
+        device(s, w, "a", days=[date(2026, 3, 3), date(2026, 3, 20)])
+        svc.dissociate(s, admin(p), plan_id=plan.id, customer_ids=[c.id], now=at(2026, 3, 20))
+    for starts_on in (date(2026, 1, 15), date(2026, 3, 20), date(2026, 4, 14)):
+        with transaction(db) as s, pytest.raises(Conflict, match=r"billed on plan 'Managed' through 2026-04-14 "
+                                                r".*start the new association on 2026-04-15 or later"):
+            svc.associate(s, admin(p), plan_id=plan.id, customer_ids=[c.id], cycle="monthly", starts_on=starts_on,
+                          due_days=14, email="ap@acme.example", mail=MAIL, now=at(2026, 3, 20))
+    with transaction(db) as s:
+        svc.associate(s, admin(p), plan_id=plan.id, customer_ids=[c.id], cycle="monthly",
+                      starts_on=date(2026, 4, 15), due_days=14, email="ap@acme.example", mail=MAIL, now=at(2026, 3, 20))
+        device(s, w, "b", days=[date(2026, 4, 20)])
+    run(db, at(2026, 3, 21, 1))
+    run(db, at(2026, 4, 15, 1))
+    run(db, at(2026, 5, 15, 1))
+    cycles = [(b.period_start, b.period_end) for b in bills_of(db)]
+    assert cycles == [(date(2026, 2, 15), date(2026, 3, 14)), (date(2026, 3, 15), date(2026, 4, 14)),
+                      (date(2026, 4, 15), date(2026, 5, 14))]  # no day twice; 15 Jan - 14 Feb had no active device
+    assert_second_run_changes_nothing(db, at(2026, 5, 15, 1))
+
+
 def test_s3_overdue_after_the_due_days_in_the_customers_zone(db):
     p, c, w, plan, assoc = plan_setup(db, tz="Pacific/Kiritimati", due_days=10, starts_on=date(2026, 3, 1))
     with transaction(db) as s:
@@ -668,6 +712,26 @@ def test_s3_numbers_come_from_the_partners_sequence_and_are_never_reused(db):
         ("ACME-2026-06-000003", BillStatus.ISSUED),
     ]
     assert_second_run_changes_nothing(db, at(2026, 6, 1, 1))
+
+
+def test_s3_a_credited_bill_cannot_be_voided_since_that_would_correct_it_twice(db):
+    p, c, w, plan, assoc = plan_setup(db, starts_on=date(2026, 3, 1))
+    with transaction(db) as s:
+        device(s, w, "a", days=[date(2026, 3, 3)])
+    run(db, at(2026, 4, 1, 1))
+    (bill,) = bills_of(db)
+    with transaction(db) as s:
+        svc.credit_bill(s, admin(p), bill.id, amount="4.00", reason="one device was a spare", now=at(2026, 4, 2))
+    with transaction(db) as s, pytest.raises(Conflict, match=rf"bill {bill.number} was corrected by credits of "
+                                            r"4.00 USD .*credit the rest of its total instead"):
+        svc.void_bill(s, admin(p), bill.id, now=at(2026, 4, 3))
+    with transaction(db) as s:  # the rest is credited instead, and the next bill carries both credits
+        svc.credit_bill(s, admin(p), bill.id, amount="6.00", reason="not on the plan in March", now=at(2026, 4, 3))
+        device(s, w, "b", days=[date(2026, 4, 3)])
+    run(db, at(2026, 5, 1, 1))
+    april = bills_of(db)[1]
+    assert bills_of(db)[0].status == BillStatus.ISSUED
+    assert [line.amount for line in april.lines] == [D("10.00"), D("-4.00"), D("-6.00")] and april.total == D("0.00")
 
 
 def test_s3_two_partners_with_the_same_prefix_each_number_from_their_own_sequence(db):
