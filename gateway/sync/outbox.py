@@ -125,18 +125,26 @@ async def _deliver_one(
     build: DocumentBuilder,
     result: RoundResult,
 ) -> None:
-    loaded = await asyncio.to_thread(_load, gateway, delivery_id, build)
-    if loaded is None:
+    # A round claims a batch, but one customer's deliveries are pushed one after another: a later
+    # one's lease may run out while an earlier push is slow, and another worker may claim it. So the
+    # lease is extended (which proves it is still ours) before anything is loaded or pushed.
+    if not await asyncio.to_thread(_extend_lease, gateway, delivery_id, worker_id):
+        log.warning("outbox.lease_lost_before_push", delivery=delivery_id, worker=worker_id)
         return
-    attempts, key, connection, document, problem = loaded
-    push: PushResult | None = None
-    structlog.contextvars.bind_contextvars(delivery=delivery_id, connection=connection)
     lease = asyncio.create_task(_keep_lease(gateway, delivery_id, worker_id))
+    push: PushResult | None = None
+    structlog.contextvars.bind_contextvars(delivery=delivery_id)
     try:
-        if problem is None:
-            push = await adapter.push_bill(document)  # type: ignore[arg-type]
-    except Exception as exc:  # an adapter's bug must cost an attempt, not leave the delivery leased forever
-        problem = exc
+        loaded = await asyncio.to_thread(_load, gateway, delivery_id, build)
+        if loaded is None:
+            return
+        attempts, key, connection, document, problem = loaded
+        structlog.contextvars.bind_contextvars(connection=connection)
+        try:
+            if problem is None:
+                push = await adapter.push_bill(document)  # type: ignore[arg-type]
+        except Exception as exc:  # an adapter's bug must cost an attempt, not leave the delivery leased forever
+            problem = exc
     finally:
         lease.cancel()
         await asyncio.gather(lease, return_exceptions=True)
@@ -176,26 +184,33 @@ def _load(
             return None
         try:
             document, problem = build(session, delivery), None
-        except GatewayError as exc:  # e.g. the customer is no longer mapped: a person has to act
+        except Exception as exc:  # noqa: BLE001 - a GatewayError (e.g. the customer is no longer mapped) waits
+            # for a person; anything else is a bug that costs an attempt, so it ends dead-lettered and
+            # reported instead of being retried unseen every lease.
             document, problem = None, exc
         return delivery.attempts + 1, delivery.key, delivery.connection, document, problem
 
 
+def _extend_lease(gateway: Gateway, delivery_id: int, worker_id: str) -> bool:
+    """Extend our lease by a claim period; False if another worker has claimed the delivery since.
+
+    One UPDATE, so it and a competing claim are ordered by the database: either
+    this extends the lease before the claim sees it expired, or the claim wins.
+    """
+    with transaction(gateway.db) as session:
+        result = session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.claimed_by == worker_id)
+            .values(claimed_until=gateway.clock.now() + timedelta(seconds=gateway.settings.outbox.claim_seconds))
+        )
+        return result.rowcount == 1
+
+
 async def _keep_lease(gateway: Gateway, delivery_id: int, worker_id: str) -> None:
     """Extend our lease while a push runs, so a slow push (rate limits, retries) is never taken over mid-way."""
-    claim = gateway.settings.outbox.claim_seconds
-
-    def renew() -> None:
-        with transaction(gateway.db) as session:
-            session.execute(
-                update(Delivery)
-                .where(Delivery.id == delivery_id, Delivery.claimed_by == worker_id)
-                .values(claimed_until=gateway.clock.now() + timedelta(seconds=claim))
-            )
-
     while True:
-        await asyncio.sleep(claim / 3)
-        await asyncio.to_thread(renew)
+        await asyncio.sleep(gateway.settings.outbox.claim_seconds / 3)
+        await asyncio.to_thread(_extend_lease, gateway, delivery_id, worker_id)
 
 
 async def _failed(

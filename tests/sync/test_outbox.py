@@ -468,3 +468,78 @@ async def test_g2_one_customers_bills_go_to_a_psa_one_after_another(db, gateway,
     result = await outbox.deliver_round(gateway, "w1", adapters={CONNECTION: Watching()})
     await real.aclose()
     assert result.delivered == 3 and max(overlap) == 1
+
+
+def add_twin_delivery(db) -> None:
+    """A second bill (another plan, same cycle) and its delivery for the first delivery's customer."""
+    with db() as s:
+        first = s.scalars(select(Delivery).order_by(Delivery.id)).first()
+        bill = s.get(Bill, first.bill_id)
+    with transaction(db) as s:
+        twin = Bill(**{c: getattr(bill, c) for c in ("partner_id", "customer_id", "kind", "period_start", "period_end",
+                                                  "currency", "device_count", "total", "status", "issued_on",
+                                                  "due_on", "created_at")},
+                    source_id=bill.source_id + 1000, number=bill.number + "-B")
+        s.add(twin)
+        s.flush()
+        s.add(Delivery(bill_id=twin.id, connection=CONNECTION, key=first.key + "-b", next_attempt_at=NOW,
+                       created_at=NOW))
+
+
+async def test_g2_a_delivery_claimed_by_another_worker_while_it_waited_its_turn_is_not_pushed(db, gateway, sim):
+    """One worker claims a customer's two bills; while the first push is slow, the second's lease runs out
+    and another worker claims it. The first worker must leave it alone: pushing it too would race the
+    other worker's push of the same bill (two copies, or a correction that undoes the other)."""
+    app, _ = sim
+    build_world(db, customers=1, psa={CONNECTION: [str(clients(app)[0])]})
+    add_twin_delivery(db)
+    gateway.settings.outbox.claim_seconds = 0.6  # the first push's lease is renewed every 0.2 s
+    real = gateway.build_adapter(CONNECTION)
+    release = asyncio.Event()
+    pushed_by_a: list[str] = []
+
+    class Slow:
+        async def push_bill(self, document):
+            pushed_by_a.append(document.key)
+            await release.wait()
+            return await real.push_bill(document)
+
+        async def aclose(self):
+            pass
+
+    a = asyncio.create_task(outbox.deliver_round(gateway, "worker-a", adapters={CONNECTION: Slow()}))
+    for _ in range(9):
+        await asyncio.sleep(0.1)
+        gateway.clock.advance(seconds=0.1)
+    taken = outbox.claim_due(gateway, "worker-b", limit=5)  # only the waiting one had an expired lease
+    assert [connection for _, connection in taken] == [CONNECTION] and len(pushed_by_a) == 1
+    release.set()
+    result_a = await a
+    assert (result_a.claimed, result_a.delivered) == (2, 1) and len(pushed_by_a) == 1
+    assert len(gateway_invoices(app)) == 1
+    gateway.clock.advance(seconds=1)  # worker B's lease on it expires unused; any worker delivers it once
+    result = await outbox.deliver_round(gateway, "worker-c", adapters={CONNECTION: real})
+    await real.aclose()
+    assert result.delivered == 1 and len(gateway_invoices(app)) == 2
+    with db() as s:
+        assert {d.status for d in s.scalars(select(Delivery))} == {DeliveryStatus.DELIVERED}
+
+
+async def test_g2_a_bug_while_building_the_document_costs_an_attempt_and_ends_dead_lettered(db, gateway, sim, recorder):
+    app, _ = sim
+    build_world(db, customers=1, psa={CONNECTION: [str(clients(app)[0])]})
+
+    def broken(session, delivery):
+        raise ZeroDivisionError("division by zero in a tax rule")
+
+    for attempt in range(1, gateway.settings.outbox.max_attempts + 1):
+        result = await outbox.deliver_round(gateway, "w1", build=broken)
+        d = delivery(db)
+        assert d.attempts == attempt and "ZeroDivisionError: division by zero in a tax rule" in d.last_error
+        assert d.claimed_by is None  # released, not left leased
+        if d.status == DeliveryStatus.PENDING:
+            assert result.failed == 1
+            gateway.clock.set(d.next_attempt_at)
+    assert (d.status, result.dead) == (DeliveryStatus.DEAD, 1)
+    assert [event for event, _ in recorder.notes] == ["delivery.dead_lettered"]
+    assert gateway_invoices(app) == []
