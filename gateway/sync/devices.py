@@ -561,7 +561,13 @@ def unmapped_organizations(session: Session, connection: str | None = None) -> l
 
 
 def map_organization(session: Session, connection: str, external_id: str, workspace_id: int | None) -> ExternalMapping:
-    """Map an RMM organisation to a workspace (None: unmap); its devices follow at the next pull."""
+    """Map an RMM organisation to a workspace (None: unmap); its devices follow at the next pull.
+
+    Unmapping takes the devices out of their workspace at once (G1: an unmapped
+    organisation is never billed): the next pull may be far off when the RMM is
+    failing, and check-ins arriving by webhook meanwhile must not count. A new
+    workspace takes the devices at the next pull, which checks its maximum (M3).
+    """
     mapping = session.scalar(
         select(ExternalMapping).where(
             ExternalMapping.connection == connection,
@@ -581,6 +587,11 @@ def map_organization(session: Session, connection: str, external_id: str, worksp
         mapping.customer_id = workspace.customer_id
     else:
         mapping.customer_id = None
+        session.execute(
+            update(Device)
+            .where(Device.connection == connection, Device.org_external_id == external_id)
+            .values(workspace_id=None, refused_reason=None)
+        )
     mapping.workspace_id = workspace_id
     mapping.auto_created = False
     return mapping

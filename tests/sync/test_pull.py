@@ -147,6 +147,23 @@ async def test_g1_mapping_an_organization_later_brings_its_devices_in_at_the_nex
         assert {r["external_id"] for r in unmapped_organizations(session)} == {"1", "3"}
 
 
+async def test_g1_unmapping_an_organization_takes_its_devices_out_of_billing_at_once(ninja, adapters, db, clock) -> None:
+    """Not at the next pull, which may be far off while the RMM fails: check-ins arriving meanwhile by
+    webhook only count for devices in a workspace, and billing counts only those."""
+    app, base_url = await ninja(organizations=2, devices=80)
+    map_orgs(db, clock, "ninja", {"1": {}, "2": {}})
+    await pull_devices(adapters(base_url), "ninja", db, clock=clock)
+    by_org = devices_by_org(app, clock)
+    with gdb.transaction(db) as session:
+        map_organization(session, "ninja", "1", None)
+    with db() as session:
+        placed = dict(session.execute(
+            select(Device.org_external_id, func.count(Device.workspace_id)).group_by(Device.org_external_id)).all())
+        assert placed == {"1": 0, "2": len(by_org["2"])}
+        listed = unmapped_organizations(session, "ninja")
+    assert [(row["external_id"], row["devices"]) for row in listed] == [("1", len(by_org["1"]))]
+
+
 async def test_g1_devices_of_an_unlisted_organization_are_reported_unmapped(aiohttp_server, adapters, db, clock) -> None:
     # The organisation list is read before the pages: an organisation created in between is still reported.
     app = ninja_sim.create_app(organizations=4, devices=80, clock=clock)
