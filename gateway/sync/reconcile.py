@@ -3,10 +3,22 @@
 For every PSA connection and every bill of the period that has a delivery to
 it, the PSA's record with the delivery key is read back and compared: device
 count against quantity, bill total against amount. Every difference is reported
-with both numbers. Also reported: bills the PSA does not hold, void bills the PSA
-still holds, objects in the PSA that carry a gateway key the gateway does not
-know, PSA companies mapped to no customer, and customers billed in the period
-that have no PSA mapping.
+with both numbers. Also reported: bills the PSA does not hold, bills the PSA holds
+more than once, void bills the PSA still holds, objects in the PSA that carry a
+gateway key the gateway does not know, PSA companies mapped to no customer, and
+customers billed in the period that have no PSA mapping.
+
+A PSA returns one record per invoice or agreement addition, so one key can come
+back several times: a duplicate invoice bills the customer twice. Records are
+therefore grouped by key, never collapsed; a bill held more than once is one
+``duplicate_in_psa`` difference listing every copy (its PSA id, quantity and
+amount) beside the gateway's numbers, and is not compared copy by copy.
+
+A connection whose adapter cannot be built (a bad option, a missing credential)
+or whose PSA cannot be read is reported in ``errors`` as not reconciled, with the
+exception's type and message (which by convention never carry a secret; known
+credential values are masked anyway), and the other connections are still
+reconciled (G5).
 
 A cycle that starts in the period may end after it (quarterly, yearly: S2), so
 the PSAs are read back up to the end of the longest such cycle; what they hold
@@ -15,6 +27,7 @@ for other cycles in that stretch is ignored unless its key is unknown.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
@@ -25,6 +38,7 @@ from sqlalchemy import select
 from gateway.adapters import PsaAdapter, PsaRecord
 from gateway.app import Gateway
 from gateway.core.models import Bill, BillStatus, Customer, Delivery, DeliveryStatus, ExternalMapping, MappingKind
+from gateway.core.settings import ConnectionSettings
 
 log = structlog.get_logger(__name__)
 
@@ -36,7 +50,7 @@ class Difference:
     connection: str
     customer: str
     key: str
-    kind: str  # "quantity", "amount", "missing_in_psa", "not_delivered", "void_in_psa", "unknown_in_psa"
+    kind: str  # quantity, amount, missing_in_psa, duplicate_in_psa, not_delivered, void_in_psa, unknown_in_psa
     gateway_value: str
     psa_value: str
 
@@ -89,13 +103,18 @@ async def reconcile(
         adapter = (adapters or {}).get(connection.name)
         owned = adapter is None
         if owned:
-            adapter = gateway.build_adapter(connection)  # type: ignore[assignment]
+            try:
+                adapter = gateway.build_adapter(connection)  # type: ignore[assignment]
+            except Exception as exc:  # one misconfigured PSA must not hide the others' results (G5)
+                _not_reconciled(report, connection, exc)
+                continue
         try:
-            records = {r.key: r for r in await adapter.read_back(period_start, read_until)}
+            held: dict[str, list[PsaRecord]] = defaultdict(list)
+            for record in await adapter.read_back(period_start, read_until):
+                held[record.key].append(record)
             companies = await adapter.list_companies()
         except Exception as exc:  # one broken PSA must not hide the others' results (G5)
-            report.errors.append(f"{connection.name}: {type(exc).__name__}: {exc}")
-            log.error("reconcile.connection_failed", connection=connection.name, error=str(exc))
+            _not_reconciled(report, connection, exc)
             continue
         finally:
             if owned:
@@ -110,23 +129,27 @@ async def reconcile(
         for delivery in (d for d in deliveries if d.connection == connection.name):
             bill, customer = bill_by_id[delivery.bill_id]
             seen.add(delivery.key)
-            record = records.get(delivery.key)
+            copies = held.get(delivery.key, [])
 
             def differ(kind: str, ours: object, theirs: object) -> None:
                 report.differences.append(Difference(connection.name, customer, delivery.key, kind, str(ours), str(theirs)))
 
             if bill.status == BillStatus.VOID:
-                if record is not None:  # the customer is still billed in the PSA for a bill that was voided
-                    differ("void_in_psa", f"void ({bill.number})", _held(record))
+                if copies:  # the customer is still billed in the PSA for a bill that was voided
+                    differ("void_in_psa", f"void ({bill.number})", "; ".join(_held(r) for r in copies))
                 continue
             report.checked += 1
-            if record is None:
+            billed = f"{bill.device_count} devices, {bill.total:.2f} {bill.currency}"
+            if not copies:
                 if delivery.status == DeliveryStatus.DELIVERED:
-                    differ("missing_in_psa", f"{bill.device_count} devices, {bill.total:.2f} {bill.currency}", "nothing")
+                    differ("missing_in_psa", billed, "nothing")
                 else:
-                    differ("not_delivered", f"{bill.device_count} devices, {bill.total:.2f} {bill.currency}",
-                           f"delivery {delivery.status.value}")
+                    differ("not_delivered", billed, f"delivery {delivery.status.value}")
                 continue
+            if len(copies) > 1:  # the customer is billed once per copy
+                differ("duplicate_in_psa", billed, _copies(copies))
+                continue
+            (record,) = copies
             ok = True
             if Decimal(record.quantity) != Decimal(bill.device_count):
                 differ("quantity", bill.device_count, record.quantity.normalize())
@@ -135,13 +158,14 @@ async def reconcile(
                 differ("amount", _money(bill.total), _money(record.amount))
                 ok = False
             report.matched += ok
-        known = seen | _known_keys(gateway, [key for key in records if key not in seen])
-        for key, record in records.items():
+        known = seen | _known_keys(gateway, [key for key in held if key not in seen])
+        for key, copies in held.items():
             if key not in known:
-                report.differences.append(
+                report.differences += [
                     Difference(connection.name, record.company_external_id, key, "unknown_in_psa", "nothing",
                                _held(record))
-                )
+                    for record in copies
+                ]
     for difference in report.differences:
         await gateway.plugins.call_each_async(
             "gateway_notify", event="reconciliation.difference", payload=difference.__dict__
@@ -151,6 +175,21 @@ async def reconcile(
 
 def _held(record: PsaRecord) -> str:
     return f"{record.quantity.normalize()} x, {_money(record.amount)}"
+
+
+def _copies(copies: list[PsaRecord]) -> str:
+    """How many objects the PSA holds for one key and what each says, with its PSA id so a person can find it."""
+    return f"{len(copies)} copies: " + "; ".join(f"{_held(r)} (id {r.external_id})" for r in copies)
+
+
+def _not_reconciled(report: ReconciliationReport, connection: ConnectionSettings, exc: Exception) -> None:
+    """Report one connection as not reconciled, saying why without any of its credential values."""
+    reason = f"{connection.name}: {type(exc).__name__}: {exc}"
+    for secret in connection.credentials.values():
+        if value := secret.get_secret_value():
+            reason = reason.replace(value, "***")
+    report.errors.append(reason)
+    log.error("reconcile.connection_failed", connection=connection.name, error=reason)
 
 
 def _known_keys(gateway: Gateway, keys: list[str]) -> set[str]:

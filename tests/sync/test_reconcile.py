@@ -7,6 +7,7 @@ the quantity of an agreement addition, where a person can change the quantity by
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from datetime import date, datetime
 from decimal import Decimal
@@ -31,6 +32,7 @@ from gateway.sync.reconcile import Difference, reconcile
 from psa_world import (
     BILLED_AT,
     Recorder,
+    autotask_connection,
     build_world,
     connectwise_connection,
     halo_connection,
@@ -251,6 +253,76 @@ async def test_g3_a_voided_bill_still_in_the_psa_is_reported_until_it_is_removed
     halo_state = sims[HALO][0][halo_sim.STATE]
     del halo_state.invoices[_halo_invoice(halo_state, key_of(db, HALO, bills_by_customer(db)["Customer 00000"]))["id"]]
     assert [(d.connection, d.kind) for d in (await reconcile(gateway, *MARCH)).differences] == [(CW, "void_in_psa")]
+
+
+async def test_g3_a_bill_held_twice_in_the_psa_is_reported_with_both_copies(
+    db, db_engine, gateway, sims, recorder, tmp_path, capsys, keep_logging
+):
+    """One record per invoice or addition comes back; two with one key means the customer is billed twice."""
+    ids = company_ids(sims)
+    build_world(db, customers=2, psa={HALO: ids[HALO][:2], CW: ids[CW][:2]})
+    assert (await outbox.deliver_until_idle(gateway, "w1")).delivered == 4
+    bills = bills_by_customer(db)
+    halo_state, cw_state = sims[HALO][0][halo_sim.STATE], sims[CW][0][cw_sim.STATE]
+    # HaloPSA: a person copies customer 0's invoice (the same key, the same numbers).
+    twice = bills["Customer 00000"]
+    invoice = _halo_invoice(halo_state, key_of(db, HALO, twice))
+    duplicate = copy.deepcopy(invoice)
+    duplicate["id"] = halo_state.next_id("invoice", 1000)
+    halo_state.invoices[duplicate["id"]] = duplicate
+    # ConnectWise: a second addition for customer 1's bill, one device more than the first.
+    also_twice = bills["Customer 00001"]
+    addition = _cw_addition(cw_state, key_of(db, CW, also_twice))
+    extra = copy.deepcopy(addition)
+    extra["id"] = cw_state.next_id("addition")
+    extra["quantity"] = float(also_twice.device_count + 1)
+    cw_state.additions[extra["id"]] = extra
+
+    report = await reconcile(gateway, *MARCH)
+
+    unit = also_twice.total / also_twice.device_count
+    expected = [
+        Difference(CW, "Customer 00001", key_of(db, CW, also_twice), "duplicate_in_psa",
+                   f"{also_twice.device_count} devices, {also_twice.total:.2f} USD",
+                   f"2 copies: {also_twice.device_count} x, {money(also_twice.total)} (id {addition['id']}); "
+                   f"{also_twice.device_count + 1} x, {money(unit * (also_twice.device_count + 1))} (id {extra['id']})"),
+        Difference(HALO, "Customer 00000", key_of(db, HALO, twice), "duplicate_in_psa",
+                   f"{twice.device_count} devices, {twice.total:.2f} USD",
+                   f"2 copies: {twice.device_count} x, {money(twice.total)} (id {invoice['id']}); "
+                   f"{twice.device_count} x, {money(twice.total)} (id {duplicate['id']})"),
+    ]
+    assert sorted(report.differences, key=lambda d: d.connection) == expected
+    assert not report.clean and report.errors == []
+    assert (report.checked, report.matched) == (4, 2)
+    noted = [payload for event, payload in recorder.notes if event == "reconciliation.difference"]
+    assert sorted(noted, key=repr) == sorted((d.__dict__ for d in expected), key=repr)
+
+    # `gateway reconcile --json` carries the new kind in the same shape as every other difference.
+    config = write_config(tmp_path / "gateway.toml", database_url=db_engine.url.render_as_string(hide_password=False),
+                          sections={"logging": {"level": "error"}}, connections=connections(sims))
+    capsys.readouterr()
+    code = await asyncio.to_thread(cli.main, ["--config", str(config), "reconcile", "--period", "2026-03", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert sorted(out["differences"], key=repr) == sorted((d.__dict__ for d in expected), key=repr)
+
+
+async def test_g5_a_misconfigured_psa_connection_does_not_stop_reconciling_the_others(db, gateway, sims, recorder):
+    """An Autotask connection without its required billing code cannot build its adapter; the others are still checked."""
+    ids = company_ids(sims)
+    build_world(db, customers=2, psa={HALO: ids[HALO][:2], CW: ids[CW][:2]})
+    assert (await outbox.deliver_until_idle(gateway, "w1")).delivered == 4
+    broken = autotask_connection("at", sims[HALO][1])
+    del broken["options"]["billing_code_id"]  # charge delivery needs it
+    gateway.settings.connections = [ConnectionSettings(**broken), *gateway.settings.connections]
+
+    report = await reconcile(gateway, *MARCH)
+
+    assert report.differences == [] and (report.checked, report.matched) == (4, 4)
+    (error,) = report.errors
+    assert error.startswith("at: ConfigError: ") and "billing_code_id" in error
+    assert not any(secret in error for secret in ("sim-secret", "SIMINTEGRATIONCODE000000001"))
+    assert not report.clean
 
 
 def _halo_invoice(state, key: str) -> dict:
