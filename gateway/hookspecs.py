@@ -7,8 +7,10 @@ parameters than a spec offers). Built-in adapters are plugins too
 ``gateway.plugins`` entry-point group.
 
 pluggy calls hooks synchronously. A hook that must do I/O returns an awaitable,
-and the gateway awaits it (``GatewayPluginManager.call_each_async``). A hook that raises
-is reported with the plugin's name and skipped; it never stops the gateway (G5).
+and the gateway awaits it (``GatewayPluginManager.call_each_async``) for at most
+``hook_timeout_seconds`` (30 s), then cancels it. A hook that raises or runs out of
+time is reported with the plugin's name and skipped; it never stops the gateway (G5).
+A synchronous hook cannot be interrupted: one that may block must be async.
 
 ``docs/hooks.md`` is the reference page; ``tests/test_hook_contract.py`` checks
 that it names every hook below and that every hook has a test.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import sys
 import textwrap
 from pathlib import Path
@@ -115,6 +117,40 @@ async def test_awaitable_hook_results_are_awaited_and_async_failures_isolated():
     results = await manager.call_each_async("gateway_notify", event="delivery.dead_lettered", payload={})
     assert [value for _, value in results] == ["sent"]
     assert seen == ["delivery.dead_lettered"] and "refused" in manager.failures[0].error
+
+
+async def test_g5_a_hook_that_hangs_is_cancelled_reported_and_the_others_still_run():
+    cancelled = []
+
+    class Quick:
+        @hookimpl
+        def gateway_notify(self, event, payload):
+            async def send():
+                return "sent"
+
+            return send()
+
+    class Stuck:
+        @hookimpl
+        def gateway_notify(self, event, payload):
+            async def send():
+                try:
+                    await asyncio.Event().wait()  # a chat service that never answers, no timeout of its own
+                except asyncio.CancelledError:
+                    cancelled.append(event)
+                    raise
+
+            return send()
+
+    manager = get_plugin_manager(extra_plugins=[Quick(), Stuck()], load_entry_points=False)
+    manager.hook_timeout_seconds = 0.1
+    results = await asyncio.wait_for(
+        manager.call_each_async("gateway_notify", event="delivery.dead_lettered", payload={}), timeout=5)
+    assert [value for _, value in results] == ["sent"]
+    assert cancelled == ["delivery.dead_lettered"]
+    assert [f.error for f in manager.failures] == [
+        "gateway_notify: TimeoutError: did not finish within 0.1 s; it was cancelled"
+    ]
 
 
 def test_two_plugins_claiming_one_adapter_kind_is_a_config_error():

@@ -11,9 +11,10 @@ the same name cannot coexist, so it lives in the package's ``__init__``.)
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -56,6 +57,9 @@ class GatewayPluginManager:
 
     pm: pluggy.PluginManager
     failures: list[PluginFailure] = field(default_factory=list)
+    #: How long an awaitable a hook returned may run (G5): a plugin that hangs is reported and
+    #: skipped instead of holding up the outbox, the scheduler or the webhook writer.
+    hook_timeout_seconds: float = 30.0
     _adapters: dict[str, AdapterSpec] | None = None
 
     @property
@@ -96,17 +100,25 @@ class GatewayPluginManager:
         return results
 
     async def call_each_async(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Like :meth:`call_each`, awaiting results that are awaitable (pluggy itself is sync)."""
+        """Like :meth:`call_each`, awaiting results that are awaitable (pluggy itself is sync),
+        each for at most :attr:`hook_timeout_seconds`."""
         results: list[tuple[str, Any]] = []
         for plugin_name, value in self.call_each(hook_name, **kwargs):
             if inspect.isawaitable(value):
                 try:
-                    value = await value
+                    value = await self.bounded(value)
                 except Exception as exc:
                     self.report_failure(plugin_name, hook_name, exc)
                     continue
             results.append((plugin_name, value))
         return results
+
+    async def bounded(self, awaitable: Awaitable[Any]) -> Any:
+        """Await what a hook returned, cancelling it with a TimeoutError that says so after the time limit."""
+        try:
+            return await asyncio.wait_for(awaitable, self.hook_timeout_seconds)
+        except TimeoutError:
+            raise TimeoutError(f"did not finish within {self.hook_timeout_seconds:g} s; it was cancelled") from None
 
     def report_failure(self, plugin_name: str, hook_name: str, exc: BaseException) -> None:
         """Record and log a plugin's failure in a hook (G5); also for faults the caller finds in a hook's result."""

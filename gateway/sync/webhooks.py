@@ -515,7 +515,7 @@ class WebhookReceiver:
             try:
                 result = impl.function(**args)
                 if inspect.isawaitable(result):
-                    await result
+                    await self.gateway.plugins.bounded(result)
                 if session.in_transaction():
                     session.commit()  # flushes and releases the session's own savepoint
             except Exception as exc:  # G5: one plugin's fault is reported and contained

@@ -449,6 +449,48 @@ async def test_g5_raising_plugin_neither_undoes_nor_blocks_the_others_and_gets_t
     assert received(gateway) == [("rmm", "msg_g5")]  # the per-handler receipts are gone once the event is done
 
 
+class Hanging:
+    """A plugin whose handler writes a marker row, then waits for ever while ``hanging``."""
+
+    def __init__(self):
+        self.hanging = True
+        self.cancelled = 0
+
+    @hookimpl
+    async def gateway_webhook_received(self, connection, event):
+        event.session.add(ConnectionState(connection=f"hang:{event.id}"[:100], updated_at=event.received_at))
+        event.session.flush()
+        if self.hanging:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+
+
+async def test_g5_a_handler_that_hangs_is_cancelled_and_the_receiver_goes_on(aiohttp_client, db_engine, clock):
+    """The webhook writer is one task: a handler that never returns would hold every later event (and, on
+    SQLite, the write lock). It is cancelled after the hook time limit, reported, and its writes undone."""
+    good, stuck = Recorder(), Hanging()
+    gateway = make_gateway(db_engine, clock, good, stuck)
+    gateway.plugins.hook_timeout_seconds = 0.2
+    client = await client_for(aiohttp_client, gateway)
+    body = b'{"type":"ping"}'
+
+    first = await asyncio.wait_for(
+        client.post("/webhooks/rmm", data=body, headers=sw_headers(body, ts_of(clock), "msg_hang")), timeout=10)
+    assert first.status == 500 and stuck.cancelled == 1
+    assert any("did not finish within 0.2 s" in f.error for f in gateway.plugins.failures)
+    assert markers(gateway) == ["rec:msg_hang"]  # the hanging handler's write is rolled back, the other kept
+
+    stuck.hanging = False
+    later = await client.post("/webhooks/rmm", data=body, headers=sw_headers(body, ts_of(clock), "msg_after"))
+    assert (later.status, (await later.json())["status"]) == (200, "accepted")
+    retry = await client.post("/webhooks/rmm", data=body, headers=sw_headers(body, ts_of(clock), "msg_hang"))
+    assert (retry.status, (await retry.json())["status"]) == (200, "accepted")
+    assert markers(gateway) == ["hang:msg_after", "hang:msg_hang", "rec:msg_after", "rec:msg_hang"]
+
+
 async def test_g4_database_down_is_503_and_retryable(aiohttp_client, tmp_path, clock):
     engine = gdb.make_engine(f"sqlite:///{tmp_path / 'missing' / 'dir' / 'gateway.db'}")
     client = await client_for(aiohttp_client, make_gateway(engine, clock))
