@@ -41,8 +41,11 @@ Decisions the rules leave open (DOMAIN.md's own decisions are not repeated):
   its limit to all its users and their own settings are ignored; a company on the global
   pool (the default) leaves each user's own setting in force. A limit counts active
   (assigned, unexpired) licenses: of the whole partner for a company pool, or those the
-  user assigned for a user pool. An assignment locks the row holding the limit (the
-  partner or the user) before counting, so concurrent assignments cannot overshoot it.
+  user assigned for a user pool. Renewing an expired license that still serves a
+  workspace makes it count again, so it is checked like an assignment, against the pool
+  it counts in (its assigning user's). An assignment or such a renewal locks the row
+  holding the limit (the partner or the user) before counting, so concurrent ones
+  cannot overshoot it.
 - **Bulk delete** (L16) voids licenses rather than removing rows, so that their history
   (L10) and the order history (L12) stay whole; lists hide void licenses unless asked.
 - **Reminders** (L4): counted in whole UTC days before the expiry day. When the job
@@ -65,7 +68,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -723,7 +726,10 @@ def _lock_allocation(session: Session, partner: Partner, user: User | None) -> A
     return effective_allocation(partner, user)
 
 
-def _check_allocation(session: Session, partner: Partner, user: User | None, now: datetime) -> None:
+def _check_allocation(
+    session: Session, partner: Partner, user: User | None, now: datetime, *, field: str = "workspace_id"
+) -> None:
+    """L15: refuse one more active license where the limit in force is reached (locking its row first)."""
     allocation = _lock_allocation(session, partner, user)
     if allocation.mode != PoolMode.LIMITED:
         return
@@ -734,7 +740,7 @@ def _check_allocation(session: Session, partner: Partner, user: User | None, now
             raise Conflict(
                 f"the company's limited pool allows {limit} active licenses and {used} are in use; "
                 "raise the limit or free a license",
-                field="workspace_id",
+                field=field,
                 code="pool_limit",
             )
     else:
@@ -744,7 +750,7 @@ def _check_allocation(session: Session, partner: Partner, user: User | None, now
             raise Conflict(
                 f"user {user.name!r} is limited to {limit} paid licenses in their user pool and has {used}; "
                 "raise the user's limit or switch them to the global pool",
-                field="workspace_id",
+                field=field,
                 code="pool_limit",
             )
 
@@ -837,6 +843,23 @@ def _check_renewable(lic: License, now: datetime, config: LicensingSettings) -> 
         )
 
 
+def _check_reactivation(session: Session, lic: License, now: datetime) -> None:
+    """L15 for a renewal: an expired license that still serves a workspace counts again once renewed.
+
+    So it must fit the limit in force, exactly like an assignment, or a user at their
+    limit could let a key expire, assign another and renew the first. The limit is the
+    one of the user whose pool the license counts in (who assigned it), not of whoever
+    renews it. A license that counts now (active) or will not count (unassigned) is
+    not checked. The limit's row is locked before any other row is written, as in assign.
+    """
+    if lic.workspace_id is None or lic.expires_at is None or lic.expires_at > now:
+        return
+    partner = session.get(Partner, lic.partner_id)
+    assert partner is not None
+    user = session.get(User, lic.pool_user_id) if lic.pool_user_id is not None else None
+    _check_allocation(session, partner, user, now, field="key")
+
+
 def _target_edition(session: Session, lic: License, edition: str | None) -> Edition:
     current = session.get(Edition, lic.edition_id)
     assert current is not None
@@ -909,6 +932,7 @@ def renew(
     lic = get_license(session, principal, key)
     _check_renewable(lic, now, config)
     target = _target_edition(session, lic, edition)
+    _check_reactivation(session, lic, now)
     action = "renewed_migrated" if target.id != lic.edition_id else "renewed"
     renewal = _priced_renewal(
         session, config, lic, years=years, target=target, base=_renewal_base(lic, now), now=now,
@@ -918,41 +942,57 @@ def renew(
     return renewal
 
 
+def _live_purchase_bound(now: datetime) -> datetime:
+    """The earliest purchase instant whose coupon may still be live (L3), a day early.
+
+    A superset bound for SQL: because of month-end clamping (29 Feb), subtracting 12
+    months from now is not the exact inverse of adding them to the purchase, and the
+    day of slack keeps every live coupon in; _first_usable then applies the exact rule.
+    """
+    return add_months(now, -ACTIVATION_WINDOW_MONTHS) - timedelta(days=1)
+
+
 def _coupon_candidates(lic: License, target: Edition, now: datetime) -> Select[tuple[License]]:
-    # The activation deadline grows with the purchase date, so the soonest deadline is the oldest purchase.
-    # The bound is a day wide so that month-end clamping never hides a live coupon; _first_usable is exact.
-    earliest_live_purchase = add_months(now, -ACTIVATION_WINDOW_MONTHS)
-    return (
-        select(License)
-        .where(
-            License.partner_id == lic.partner_id,
-            License.id != lic.id,
-            License.edition_id == target.id,
-            License.seats == lic.seats,
-            License.activated_at.is_(None),
-            License.workspace_id.is_(None),
-            License.voided_at.is_(None),
-            License.consumed_at.is_(None),
-            License.purchased_at >= earliest_live_purchase - timedelta(days=1),
-            func.trim(License.notes) == "",
-        )
-        .order_by(License.purchased_at, License.id)
+    return select(License).where(
+        License.partner_id == lic.partner_id,
+        License.id != lic.id,
+        License.edition_id == target.id,
+        License.seats == lic.seats,
+        License.activated_at.is_(None),
+        License.workspace_id.is_(None),
+        License.voided_at.is_(None),
+        License.consumed_at.is_(None),
+        License.purchased_at >= _live_purchase_bound(now),
+        func.trim(License.notes) == "",
     )
 
 
-def _first_usable(
-    session: Session, config: LicensingSettings, candidates: Select[tuple[License]], now: datetime
-) -> License | None:
-    """The first candidate that is unused by the exact rule (L3), locked ``FOR UPDATE SKIP LOCKED``.
+def _soonest_deadline(lic: License) -> tuple[datetime, int]:
+    """L8 order: the coupon that expires soonest first, then the older row.
 
-    Candidates are read unlocked (the SQL bound on the purchase date is a superset: the
-    activation window is calendar arithmetic) and only the chosen row is locked, so a
-    concurrent transaction about to consume it hides it and this one moves on. SQLite
-    has no row locks; there the license's version column turns the loser into a Conflict.
+    Not the purchase date: clamping makes the deadline non-monotonic in it (bought
+    28 Feb 2024 23:00 -> 28 Feb 2025 23:00, but 29 Feb 2024 01:00 -> 28 Feb 2025 01:00).
     """
-    for candidate in session.scalars(candidates):
-        if license_status(candidate, now, config) != LicenseStatus.UNUSED:
-            continue
+    return activation_deadline(lic), lic.id
+
+
+def _first_usable(
+    session: Session,
+    config: LicensingSettings,
+    candidates: Select[tuple[License]],
+    now: datetime,
+    order: Callable[[License], Any] = _soonest_deadline,
+) -> License | None:
+    """The first candidate by ``order`` that is unused by the exact rule (L3), locked ``FOR UPDATE SKIP LOCKED``.
+
+    Candidates are read unlocked and sorted here, because the activation deadline is
+    calendar arithmetic no SQL dialect shares (the SQL filters leave a handful of rows).
+    Only the chosen row is locked, so a concurrent transaction about to consume it hides
+    it and this one moves on to the next. SQLite has no row locks; there the license's
+    version column turns the loser into a Conflict.
+    """
+    usable = [c for c in session.scalars(candidates) if license_status(c, now, config) == LicenseStatus.UNUSED]
+    for candidate in sorted(usable, key=order):
         locked = session.scalar(
             select(License)
             .where(License.id == candidate.id, License.consumed_at.is_(None), License.activated_at.is_(None))
@@ -986,6 +1026,7 @@ def renew_with_coupon(
     lic = get_license(session, principal, key)
     _check_renewable(lic, now, config)
     target = _target_edition(session, lic, edition)
+    _check_reactivation(session, lic, now)
     coupon = find_coupon(session, config, lic, target, now)
     if coupon is None:
         raise Conflict(
@@ -1089,10 +1130,10 @@ def find_pool_replacement(
             License.workspace_id.is_(None),
             License.voided_at.is_(None),
             License.consumed_at.is_(None),
+            License.purchased_at >= _live_purchase_bound(now),
         )
-        .order_by(License.seats, License.purchased_at, License.id)
     )
-    return _first_usable(session, config, stmt, now)
+    return _first_usable(session, config, stmt, now, order=lambda c: (c.seats, *_soonest_deadline(c)))
 
 
 def _exchange(session: Session, lic: License, replacement: License, now: datetime, actor: str) -> None:

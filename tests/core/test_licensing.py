@@ -40,6 +40,7 @@ from gateway.core.licensing import (
     set_notes,
     set_user_allocation,
     tier_discount,
+    user_allocation,
 )
 from gateway.core.models import (
     Customer,
@@ -351,6 +352,21 @@ def test_l8_renewing_an_expired_license_with_a_coupon_starts_today(session, cloc
     assert lic.expires_at == add_months(clock.now(), 12)
 
 
+def test_l8_on_the_leap_day_the_coupon_with_the_earlier_deadline_is_taken(session, clock, w):
+    # Bought later but expiring sooner: 29 Feb + 12 months clamps to 28 Feb (L3).
+    clock.set(datetime(2024, 2, 28, 23, 0, tzinfo=timezone.utc))
+    bought_first = one(session, clock, w, seats=5)
+    clock.set(datetime(2024, 2, 29, 1, 0, tzinfo=timezone.utc))
+    expires_first = one(session, clock, w, seats=5)
+    assert activation_deadline(expires_first) < activation_deadline(bought_first)
+    lic = active(session, clock, w, seats=5)
+
+    renewal = renew_with_coupon(session, clock, CONFIG, w.me, lic.key)
+
+    assert renewal.coupon.id == expires_first.id
+    assert license_status(bought_first, clock.now(), CONFIG) == LicenseStatus.UNUSED
+
+
 def _wait_until_blocked_or_done(engine: Engine, thread: threading.Thread, timeout: float = 10) -> None:
     """Return once ``thread`` has ended or some session of this database waits on a row lock."""
     deadline = time.monotonic() + timeout
@@ -648,6 +664,22 @@ def test_l14_bulk_licenses_sit_in_the_pool_and_replace_an_expired_license(sessio
     assert run_daily(session, clock, CONFIG).exchanged == []
 
 
+def test_l14_on_the_leap_day_the_pool_key_with_the_earlier_deadline_replaces_first(session, clock, w):
+    clock.set(datetime(2024, 2, 28, 23, 0, tzinfo=timezone.utc))
+    bought_first = buy_bulk(session, clock, CONFIG, w.me, edition="BUS", customers=1, devices_per_customer=5,
+                            term_months=12).licenses[0]
+    clock.set(datetime(2024, 2, 29, 1, 0, tzinfo=timezone.utc))
+    expires_first = buy_bulk(session, clock, CONFIG, w.me, edition="BUS", customers=1, devices_per_customer=5,
+                             term_months=12).licenses[0]
+    lic = active(session, clock, w, seats=5, term=1)
+    clock.set(lic.expires_at + timedelta(days=1))
+
+    replacement = exchange(session, clock, CONFIG, w.me, lic.key)
+
+    assert replacement.id == expires_first.id
+    assert license_status(bought_first, clock.now(), CONFIG) == LicenseStatus.UNUSED
+
+
 def test_l14_automatic_exchange_switched_off_leaves_the_pool_alone(session, clock, w):
     lic = active(session, clock, w, seats=3)
     set_auto_renew(session, clock, CONFIG, w.me, lic.key, False)
@@ -706,6 +738,40 @@ def test_l15_a_company_setting_overrides_the_user_setting(session, clock, w):
     assert info.value.field == "pool_limit"
 
 
+def test_l15_renewing_an_expired_license_respects_the_user_pool_limit(session, clock, w):
+    set_user_allocation(session, w.me, w.admin.id, pool_mode=PoolMode.LIMITED, pool_limit=1)
+    alice = principal_for_user(w.admin)
+    b = assign(session, clock, CONFIG, alice, one(session, clock, w).key, w.ws_acme.id)
+    clock.set(b.expires_at + timedelta(days=1))
+    a = assign(session, clock, CONFIG, alice, one(session, clock, w).key, w.ws_globex.id)  # b no longer counts
+    one(session, clock, w)  # a coupon for b
+
+    for renewing in (
+        lambda: renew(session, clock, CONFIG, alice, b.key, years=1),
+        lambda: renew_with_coupon(session, clock, CONFIG, alice, b.key),
+        lambda: renew(session, clock, CONFIG, w.me, b.key, years=1),  # it counts in alice's pool, whoever renews
+    ):
+        with pytest.raises(Conflict, match="'alice' is limited to 1 paid licenses in their user pool and has 1") as info:
+            renewing()
+        assert (info.value.code, info.value.field) == ("pool_limit", "key")
+    assert b.expires_at < clock.now()
+    assert user_allocation(session, clock, w.me, w.admin.id)["effective"]["in_use"] == 1
+
+    renew(session, clock, CONFIG, alice, a.key, years=1)  # an active license already counts
+    set_user_allocation(session, w.me, w.admin.id, pool_mode=PoolMode.LIMITED, pool_limit=2)
+    renew(session, clock, CONFIG, alice, b.key, years=1)
+    assert user_allocation(session, clock, w.me, w.admin.id)["effective"]["in_use"] == 2
+
+
+def test_l15_renewing_an_expired_license_respects_the_company_pool_limit(session, clock, w):
+    set_company_settings(session, w.me, pool_mode=PoolMode.LIMITED, pool_limit=1)
+    b = active(session, clock, w)
+    clock.set(b.expires_at + timedelta(days=1))
+    active(session, clock, w, workspace=w.ws_globex)
+    with pytest.raises(Conflict, match="company's limited pool allows 1 active licenses and 1 are in use") as info:
+        renew(session, clock, CONFIG, w.me, b.key, years=1)
+    assert info.value.code == "pool_limit"
+
 
 def _active_assigned(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(License).where(License.workspace_id.is_not(None))) or 0
@@ -749,6 +815,33 @@ def test_l15_concurrent_assignments_never_exceed_a_user_pool_limit(db_engine):
     assert isinstance(outcomes["second"], Conflict) and outcomes["second"].code == "pool_limit", outcomes
     with factory() as s:
         assert _active_assigned(s) == 1
+
+
+@pytest.mark.parametrize("renew_first", [True, False], ids=["renewal-first", "assignment-first"])
+def test_l15_a_renewal_and_an_assignment_at_the_same_time_never_exceed_a_user_pool_limit(db_engine, renew_first):
+    factory = gdb.session_factory(db_engine)
+    clock = FrozenClock(T0)
+    with gdb.transaction(factory) as s:
+        w = make_world(s)
+        set_user_allocation(s, w.me, w.admin.id, pool_mode=PoolMode.LIMITED, pool_limit=1)
+        alice = principal_for_user(w.admin)
+        expired = assign(s, clock, CONFIG, alice, one(s, clock, w).key, w.ws_acme.id)
+        clock.set(expired.expires_at + timedelta(days=1))
+        expired_key, new_key, workspace = expired.key, one(s, clock, w).key, w.ws_globex.id
+        me, admin_id = w.me, w.admin.id
+
+    def renewing(s: Session) -> str:
+        return renew(s, clock, CONFIG, alice, expired_key, years=1).license.key
+
+    def assigning(s: Session) -> str:
+        return assign(s, clock, CONFIG, alice, new_key, workspace).key
+
+    first, second = (renewing, assigning) if renew_first else (assigning, renewing)
+    outcomes = race(db_engine, first, second)
+    assert outcomes["first"] == (expired_key if renew_first else new_key)
+    assert isinstance(outcomes["second"], Conflict) and outcomes["second"].code == "pool_limit", outcomes
+    with factory() as s:
+        assert user_allocation(s, clock, me, admin_id)["effective"]["in_use"] == 1
 
 
 # --- L16 ----------------------------------------------------------------------------------------
