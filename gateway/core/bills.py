@@ -476,13 +476,12 @@ def enable_monthly(
         state = f"cancelled, ending {sub.ends_on}; reactivate it instead" if sub.ends_on else "already enabled"
         raise Conflict(f"monthly billing is {state}")
     currency = rules.check_currency(settings.default_currency)
-    if sub is not None:
-        _bill_before_enabling_anew(session, sub, now=now, settings=settings, plugins=plugins)
     if sub is None:
         sub = MonthlySubscription(partner_id=partner.id, enabled_at=now, timezone=tz,
                                   price_per_device=settings.monthly_price_per_device, currency=currency)
         session.add(sub)
     else:  # a subscription that ended is enabled anew (a new activation, a new first full month)
+        _bill_before_enabling_anew(session, sub, now=now, settings=settings, plugins=plugins)
         sub.enabled_at, sub.timezone, sub.ends_on, sub.cancelled_at = now, tz, None, None
         sub.price_per_device, sub.currency = settings.monthly_price_per_device, currency
     session.flush()
