@@ -30,16 +30,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import aiohttp
 import structlog
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The imports below follow this line, hence their noqa: E402: the benchmark runs from a checkout, installed or not.
 
 from gateway.core import db as gdb  # noqa: E402
 from gateway.core.clock import SystemClock  # noqa: E402
@@ -59,7 +60,7 @@ from gateway.plugins.ninjaone import protocol as ninja_protocol  # noqa: E402
 from gateway.plugins.ninjaone import simulator as ninja_sim  # noqa: E402
 from gateway.plugins.ninjaone.client import NinjaOneAdapter  # noqa: E402
 from gateway.sync.devices import pull_devices  # noqa: E402
-from gateway.sync.http import Connector, OAuth2ClientCredentials, OAuth2PasswordGrant  # noqa: E402
+from gateway.sync.http import Auth, Connector, OAuth2ClientCredentials, OAuth2PasswordGrant  # noqa: E402
 
 TARGET = 1.5
 ZONES = ["UTC", "Europe/Berlin", "America/New_York", "America/Los_Angeles", "Pacific/Auckland", "Asia/Kolkata"]
@@ -82,7 +83,7 @@ def serve(tool: str, devices: int, organizations: int, seed: int) -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = runner.addresses[0][1]  # the port the system chose for port 0
         print(port, flush=True)
         await asyncio.Event().wait()
 
@@ -117,12 +118,12 @@ def organization_ids(tool: str, organizations: int, seed: int) -> list[tuple[str
         return [(str(i + 1), name) for i, name in enumerate(names)]
     app = datto_sim.create_app(seed=seed, sites=organizations, devices=0)
     state = app[datto_sim.STATE]
-    return list(zip(state.site_uids, state.site_names))
+    return list(zip(state.site_uids, state.site_names, strict=True))
 
 
 def map_everything(engine: Any, orgs: list[tuple[str, str]]) -> dict[str, tuple[int, str]]:
     """Every organisation mapped to a workspace of its own customer; returns {org: (workspace id, zone)}."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     sessions = gdb.session_factory(engine)
     targets = {}
     with gdb.transaction(sessions) as session:
@@ -153,7 +154,7 @@ def map_everything(engine: Any, orgs: list[tuple[str, str]]) -> dict[str, tuple[
 def gateway_adapter(tool: str, base_url: str) -> Any:
     clock = SystemClock()
     if tool == "ninjaone":
-        auth = OAuth2ClientCredentials(
+        auth: Auth = OAuth2ClientCredentials(
             base_url + ninja_protocol.TOKEN_PATH, ninja_sim.DEFAULT_CLIENT_ID, ninja_sim.DEFAULT_CLIENT_SECRET,
             scope=ninja_protocol.SCOPE,
         )
@@ -226,11 +227,11 @@ def floor_rows(tool: str, raw: list[dict[str, Any]], targets: dict[str, tuple[in
         if tool == "ninjaone":
             external_id, org, host = str(d["id"]), str(d["organizationId"]), d["systemName"]
             cls, online, deleted = d["nodeClass"], not d["offline"], False
-            contact = datetime.fromtimestamp(d["lastContact"], tz=timezone.utc)
+            contact = datetime.fromtimestamp(d["lastContact"], tz=UTC)
         else:
             external_id, org, host = d["uid"], d["siteUid"], d["hostname"]
             cls, online, deleted = d["deviceClass"], d["online"], d["deleted"]
-            contact = datetime.fromtimestamp(d["lastSeen"] / 1000, tz=timezone.utc)
+            contact = datetime.fromtimestamp(d["lastSeen"] / 1000, tz=UTC)
         workspace_id, zone = targets[org]
         rows.append({"connection": CONNECTION, "external_id": external_id, "org_external_id": org,
                      "workspace_id": workspace_id, "hostname": host, "device_class": cls, "online": online,
@@ -243,13 +244,15 @@ def floor_rows(tool: str, raw: list[dict[str, Any]], targets: dict[str, tuple[in
 async def run_floor(tool: str, base_url: str, engine: Any, targets: dict[str, tuple[int, str]]) -> float:
     started = time.perf_counter()
     raw = await fetch_floor(tool, base_url)
-    rows, days = floor_rows(tool, raw, targets, datetime.now(timezone.utc))
-    table = Device.__table__
+    rows, days = floor_rows(tool, raw, targets, datetime.now(UTC))
+    # Each model is mapped to a Table; a mapped class's __table__ is typed as any FromClause.
+    table = cast(Table, Device.__table__)
+    activity = cast(Table, DeviceActivity.__table__)
     with engine.begin() as connection:
         ids = dict(
             (e, i) for i, e in connection.execute(insert(table).returning(table.c.id, table.c.external_id), rows)
         )
-        connection.execute(insert(DeviceActivity.__table__), [{"device_id": ids[e], "day": day} for e, day in days])
+        connection.execute(insert(activity), [{"device_id": ids[e], "day": day} for e, day in days])
     return time.perf_counter() - started
 
 
@@ -259,9 +262,8 @@ def clear_devices(engine: Any) -> None:
     from gateway.core.models import ConnectionState
 
     with engine.begin() as connection:
-        connection.execute(delete(DeviceActivity.__table__))
-        connection.execute(delete(Device.__table__))
-        connection.execute(delete(ConnectionState.__table__))
+        for model in (DeviceActivity, Device, ConnectionState):
+            connection.execute(delete(cast(Table, model.__table__)))
 
 
 def count(engine: Any, model: Any) -> int:

@@ -35,8 +35,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -58,21 +59,25 @@ def serve(kind: str, database: str, port_file: str) -> None:
     app = web.Application()
     if kind == "gateway":
         from gateway.app import build_gateway
-        from gateway.core.settings import ConnectionSettings, Settings
+        from gateway.core.settings import Settings
         from gateway.sync.webhooks import add_webhook_routes
+        from gateway.web.metrics import get_metrics
 
-        settings = Settings(
-            database={"url": f"sqlite:///{database}"},
-            logging={"level": "warning", "format": "json"},
-            connections=[
-                ConnectionSettings(
-                    name=CONNECTION, plugin="ninjaone", base_url="https://ninja.invalid",
-                    credentials={"client_id": "bench", "client_secret": "bench-secret"},
-                    webhook_scheme="standard-webhooks", webhook_secret=SECRET,
-                )
+        # What a configuration file holds: Settings validates and converts it, as load_settings does.
+        config: dict[str, Any] = {
+            "database": {"url": f"sqlite:///{database}"},
+            "logging": {"level": "warning", "format": "json"},
+            "connections": [
+                {
+                    "name": CONNECTION, "plugin": "ninjaone", "base_url": "https://ninja.invalid",
+                    "credentials": {"client_id": "bench", "client_secret": "bench-secret"},
+                    "webhook_scheme": "standard-webhooks", "webhook_secret": SECRET,
+                }
             ],
-        )
-        add_webhook_routes(app, build_gateway(settings))
+        }
+        settings = Settings(**config)
+        gateway = build_gateway(settings)
+        add_webhook_routes(app, gateway, get_metrics(gateway))
     else:
 
         async def bare(request: web.Request) -> web.Response:
@@ -101,7 +106,7 @@ def prepare_database(path: Path) -> None:
 
     engine = gdb.make_engine(f"sqlite:///{path}")
     gdb.upgrade(engine)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with gdb.transaction(gdb.session_factory(engine)) as s:
         partner = Partner(name="Bench MSP", created_at=now)
         workspace = Workspace(

@@ -169,7 +169,7 @@ class PsaAdapter(Protocol):
 class AdapterContext:
     """What a factory gets besides the connection settings."""
 
-    clock: "Clock"
+    clock: Clock
 
 
 @dataclass(frozen=True)
@@ -185,10 +185,10 @@ class AdapterSpec:
 
     kind: str
     role: Role
-    factory: Callable[["ConnectionSettings", AdapterContext], RmmAdapter | PsaAdapter]
+    factory: Callable[[ConnectionSettings, AdapterContext], RmmAdapter | PsaAdapter]
     description: str = ""
     required_credentials: tuple[str, ...] = ()
     default_options: Mapping[str, Any] = field(default_factory=dict)
-    simulator: Callable[..., "web.Application"] | None = None
+    simulator: Callable[..., web.Application] | None = None
     #: The webhook scheme a connection of this kind uses unless it sets ``webhook_scheme`` (G4).
     webhook_scheme: str | None = None

@@ -3,23 +3,34 @@
 Every entry point (CLI commands, the daemon, the demo, tests) builds a
 :class:`Gateway` here and passes it, or its parts, down. Nothing below this
 module reads configuration or builds engines on its own.
+
+**Decision:** the sync layer never takes the whole ``Gateway``: its functions
+take what they use (the session factory, the clock, a settings section, an
+adapter builder such as :meth:`Gateway.build_psa`, a hook such as
+:meth:`Gateway.notify`), so they can be read, tested and reused without a
+wired application. What the web layer or the daemon keep on a gateway lives
+under typed keys in ``gateway.stash`` (:mod:`gateway.stash`), not here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway.adapters import AdapterContext, AdapterSpec, PsaAdapter, RmmAdapter
+from gateway.adapters import AdapterContext, AdapterSpec, PsaAdapter, PushResult, RmmAdapter, Role
 from gateway.core import db as gdb
 from gateway.core.clock import Clock, SystemClock
 from gateway.core.settings import ConnectionSettings, Settings, credential_env_name
 from gateway.errors import ConfigError
 from gateway.plugins import GatewayPluginManager, get_plugin_manager
+from gateway.stash import Stash
+
+#: "is an RMM connection, not a PSA one".
+_A: dict[str, str] = {"rmm": "an RMM", "psa": "a PSA"}
 
 
 @dataclass
@@ -31,7 +42,7 @@ class Gateway:
     db: sessionmaker[Session]
     plugins: GatewayPluginManager
     clock: Clock
-    extras: dict[str, Any] = field(default_factory=dict)
+    stash: Stash = field(default_factory=Stash)
 
     def spec_for(self, connection: ConnectionSettings) -> AdapterSpec:
         return self.plugins.adapters()[connection.plugin]
@@ -45,11 +56,34 @@ class Gateway:
             if c.enabled and (role is None or adapters[c.plugin].role == role)
         ]
 
-    def build_adapter(self, connection: ConnectionSettings | str) -> RmmAdapter | PsaAdapter:
-        """A new adapter for one connection; the caller closes it (``await adapter.aclose()``)."""
+    def build_rmm(self, connection: ConnectionSettings | str) -> RmmAdapter:
+        """A new RMM adapter for one connection; the caller closes it (``await adapter.aclose()``)."""
+        return cast(RmmAdapter, self._build(connection, "rmm"))
+
+    def build_psa(self, connection: ConnectionSettings | str) -> PsaAdapter:
+        """A new PSA adapter for one connection; the caller closes it (``await adapter.aclose()``)."""
+        return cast(PsaAdapter, self._build(connection, "psa"))
+
+    def _build(self, connection: ConnectionSettings | str, role: Role) -> RmmAdapter | PsaAdapter:
         if isinstance(connection, str):
             connection = self.settings.connection(connection)
-        return self.spec_for(connection).factory(connection, AdapterContext(clock=self.clock))
+        spec = self.spec_for(connection)
+        if spec.role != role:
+            raise ConfigError(
+                f"connection {connection.name!r} (plugin {connection.plugin!r}) is {_A[spec.role]} "
+                f"connection, not {_A[role]} one"
+            )
+        # The spec's role says which protocol its factory's adapters implement: hence the casts above.
+        return spec.factory(connection, AdapterContext(clock=self.clock))
+
+    async def notify(self, event: str, payload: dict[str, Any]) -> None:
+        """Announce ``event`` to every plugin (the ``gateway_notify`` hook; one failing never stops the others)."""
+        await self.plugins.call_each_async("gateway_notify", event=event, payload=payload)
+
+    async def bill_delivered(self, connection: str, bill_key: str, result: PushResult) -> None:
+        """Tell every plugin a PSA holds a bill now (the ``gateway_bill_delivered`` hook)."""
+        await self.plugins.call_each_async("gateway_bill_delivered", connection=connection, bill_key=bill_key,
+                                           result=result)
 
     def close(self) -> None:
         self.engine.dispose()

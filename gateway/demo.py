@@ -22,7 +22,7 @@ import asyncio
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from gateway.commands.common import print_table
 from gateway.core import db as gdb
 from gateway.core import directory
 from gateway.core.access import system_principal
-from gateway.core.billing import Period
+from gateway.core.billing.rules import Period
 from gateway.core.clock import FrozenClock
 from gateway.core.db import transaction
 from gateway.core.models import Bill, Customer, Delivery, Device, DeviceActivity, Edition, LicenseType, Workspace
@@ -209,15 +209,16 @@ def last_month(today: date) -> Period:
 
 async def seed(gateway: Gateway, period: Period) -> dict[str, int]:
     """Partner, customers, workspaces, PSA mappings, a service plan for everyone, and licenses."""
-    from gateway.core import bills as billing_services
-    from gateway.core import licensing
+    from gateway.core.billing import associations, plans
+    from gateway.core.licensing.assignment import assign
+    from gateway.core.licensing.purchase import buy_bulk
 
     now = gateway.clock.now()
     psa_companies = {}
     for connection in gateway.connections("psa"):
-        adapter = gateway.build_adapter(connection)
+        adapter = gateway.build_psa(connection)
         try:
-            psa_companies[connection.name] = await adapter.list_companies()  # type: ignore[union-attr]
+            psa_companies[connection.name] = await adapter.list_companies()
         finally:
             await adapter.aclose()
     with transaction(gateway.db) as session:
@@ -237,17 +238,18 @@ async def seed(gateway: Gateway, period: Period) -> dict[str, int]:
                 used[psa] += 1
                 directory.map_psa_company(session, connection=psa, external_id=company.external_id,
                                           customer_id=customer.id, name=company.name, now=now)
-        plan = billing_services.create_plan(session, principal, name="Managed endpoint", price_per_device=PLAN_PRICE,
-                                            currency="USD", now=now)
-        billing_services.associate(session, principal, plan_id=plan.id, customer_ids=customer_ids, cycle="monthly",
-                                   starts_on=period.start, due_days=14, email="ap@customers.example",
-                                   mail=gateway.settings.mail, now=now)
-        purchase = licensing.buy_bulk(session, gateway.clock, gateway.settings.licensing, principal,
-                                      edition="business-security", customers=len(CUSTOMERS),
-                                      devices_per_customer=50, term_months=12)
+        plan = plans.create_plan(session, principal, name="Managed endpoint", price_per_device=PLAN_PRICE,
+                                 currency="USD", now=now)
+        associations.associate(session, principal, plan_id=plan.id, customer_ids=customer_ids, cycle="monthly",
+                               starts_on=period.start, due_days=14, email="ap@customers.example",
+                               mail=gateway.settings.mail, now=now)
+        purchase = buy_bulk(session, gateway.clock, gateway.settings.licensing, principal,
+                            edition="business-security", customers=len(CUSTOMERS),
+                            devices_per_customer=50, term_months=12)
         workspaces = session.scalars(select(Workspace).order_by(Workspace.id)).all()
-        for lic, workspace in zip(purchase.licenses, workspaces[:2]):
-            licensing.assign(session, gateway.clock, gateway.settings.licensing, principal, lic.key, workspace.id)
+        # Only the first two workspaces get a license; the other licenses stay unassigned in the pool.
+        for lic, workspace in zip(purchase.licenses, workspaces[:2], strict=False):
+            assign(session, gateway.clock, gateway.settings.licensing, principal, lic.key, workspace.id)
         return {"partner": partner.id, "plan": plan.id, "licenses": len(purchase.licenses)}
 
 
@@ -268,13 +270,13 @@ def map_organizations(gateway: Gateway) -> list[str]:
 
 async def run_demo(directory_path: Path, *, serve: bool = False, today: date | None = None) -> int:
     from gateway.sync.devices import pull_all
-    from gateway.sync.mail import billing_job
+    from gateway.sync.jobs import billing_job
     from gateway.sync.outbox import deliver_until_idle
     from gateway.sync.reconcile import reconcile
 
-    today = today or datetime.now(timezone.utc).date()
+    today = today or datetime.now(UTC).date()
     period = last_month(today)
-    clock = FrozenClock(datetime.combine(period.start - timedelta(days=1), time(12), tzinfo=timezone.utc))
+    clock = FrozenClock(datetime.combine(period.start - timedelta(days=1), time(12), tzinfo=UTC))
     _prepare_directory(directory_path)
     sims = await start_simulators(clock)
     try:
@@ -299,10 +301,14 @@ async def run_demo(directory_path: Path, *, serve: bool = False, today: date | N
                 raise SystemExit(f"demo: pull failed: {failures}")
             pulls += 1
         # The 1st of this month, noon UTC: the month is over in every customer's time zone.
-        clock.set(datetime.combine(period.end + timedelta(days=1), time(12), tzinfo=timezone.utc))
-        billing = await billing_job(gateway, period=period)
-        delivered = await deliver_until_idle(gateway, "demo")
-        report = await reconcile(gateway, period.start, period.end)
+        clock.set(datetime.combine(period.end + timedelta(days=1), time(12), tzinfo=UTC))
+        billing = await billing_job(gateway.db, clock, gateway.settings.billing, gateway.settings.mail, gateway.plugins,
+                                    period=period)
+        delivered = await deliver_until_idle(gateway.db, clock, gateway.settings.outbox, gateway.build_psa,
+                                             gateway.notify, "demo", delivered=gateway.bill_delivered,
+                                             connections=[c.name for c in gateway.connections("psa")])
+        report = await reconcile(gateway.db, gateway.connections("psa"), gateway.build_psa, gateway.notify,
+                                 period.start, period.end)
 
         _print_devices(gateway, period, pulls, unmapped)
         _print_bills(gateway, billing)
@@ -382,9 +388,9 @@ def _print_reconciliation(report: Any) -> None:
 
 async def _serve(gateway: Gateway) -> None:
     """Keep the daemon (admin API, webhooks, health, metrics) running until Ctrl-C."""
-    from gateway.daemon import build_daemon_app
     from gateway.core.models import UserRole
     from gateway.core.users import create_token, create_user
+    from gateway.daemon import build_daemon_app
 
     with transaction(gateway.db) as session:
         partner = directory.only_partner(session)

@@ -25,8 +25,8 @@ import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from gateway.adapters import AdapterSpec, BillLineDoc, PushResult, RmmDevice
-    from gateway.core.billing import BillDraft
-    from gateway.sync.webhooks import WebhookEvent, WebhookScheme
+    from gateway.core.billing.drafts import BillDraft
+    from gateway.webhook_contract import WebhookEvent, WebhookScheme
 
 PROJECT_NAME = "gateway"
 
@@ -40,7 +40,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
-def gateway_register_adapters() -> Sequence["AdapterSpec"]:
+def gateway_register_adapters() -> Sequence[AdapterSpec]:
     """Return the adapter kinds this plugin provides.
 
     Called once, when the plugin manager is built. Each :class:`gateway.adapters.AdapterSpec`
@@ -50,10 +50,11 @@ def gateway_register_adapters() -> Sequence["AdapterSpec"]:
 
     :return: a list of adapter specs (may be empty).
     """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations, never this
 
 
 @hookspec
-def gateway_webhook_schemes() -> Mapping[str, "WebhookScheme"]:
+def gateway_webhook_schemes() -> Mapping[str, WebhookScheme]:
     """Return webhook signature schemes this plugin provides, by name.
 
     Called once when the webhook receiver starts. A connection chooses its scheme
@@ -62,6 +63,7 @@ def gateway_webhook_schemes() -> Mapping[str, "WebhookScheme"]:
 
     :return: a mapping of scheme name to a verifier object.
     """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations, never this
 
 
 # -------------------------------------------------------------------------------
@@ -70,7 +72,7 @@ def gateway_webhook_schemes() -> Mapping[str, "WebhookScheme"]:
 
 
 @hookspec
-def gateway_devices_seen(connection: str, devices: Sequence["RmmDevice"]) -> Awaitable[None] | None:
+def gateway_devices_seen(connection: str, devices: Sequence[RmmDevice]) -> Awaitable[None] | None:
     """Called after each page of devices from an RMM connection was stored.
 
     :param connection: the connection's configured name.
@@ -80,7 +82,7 @@ def gateway_devices_seen(connection: str, devices: Sequence["RmmDevice"]) -> Awa
 
 
 @hookspec
-def gateway_bill_built(bill: "BillDraft") -> Sequence["BillLineDoc"] | None:
+def gateway_bill_built(bill: BillDraft) -> Sequence[BillLineDoc] | None:
     """Called when a bill has been computed and before it is saved.
 
     A plugin may return extra lines (tax, a fee, a discount as a negative
@@ -93,7 +95,7 @@ def gateway_bill_built(bill: "BillDraft") -> Sequence["BillLineDoc"] | None:
 
 
 @hookspec
-def gateway_bill_delivered(connection: str, bill_key: str, result: "PushResult") -> Awaitable[None] | None:
+def gateway_bill_delivered(connection: str, bill_key: str, result: PushResult) -> Awaitable[None] | None:
     """Called after a PSA accepted a bill (or was found to hold it already).
 
     :param connection: the PSA connection's name.
@@ -103,7 +105,7 @@ def gateway_bill_delivered(connection: str, bill_key: str, result: "PushResult")
 
 
 @hookspec
-def gateway_webhook_received(connection: str, event: "WebhookEvent") -> Awaitable[None] | None:
+def gateway_webhook_received(connection: str, event: WebhookEvent) -> Awaitable[None] | None:
     """Called for every verified, first-seen webhook event.
 
     Runs inside the transaction that records the event id, so an event whose

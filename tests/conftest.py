@@ -12,7 +12,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -147,7 +147,7 @@ def session(db: sessionmaker[Session]) -> Iterator[Session]:
 @pytest.fixture
 def clock() -> FrozenClock:
     """10 March 2026, 12:00 UTC, unless a test moves it."""
-    return FrozenClock(datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc))
+    return FrozenClock(datetime(2026, 3, 10, 12, 0, tzinfo=UTC))
 
 
 @pytest.fixture

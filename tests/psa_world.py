@@ -7,6 +7,9 @@ customer mapped to a company in the given PSA connections, then ``run_billing`` 
 
 ``ServedApp`` serves a simulator on 127.0.0.1 from its own thread and event loop, for
 tests whose gateway runs in subprocesses or calls ``asyncio.run`` itself (the CLI).
+
+``outbox_round``, ``outbox_until_idle`` and ``reconcile_gateway`` call the outbox worker
+and reconciliation with a test gateway's parts, wired as the daemon and the CLI wire them.
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -28,9 +30,10 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway import hookimpl
-from gateway.core import bills as svc
 from gateway.core.access import system_principal
-from gateway.core.billing import Period
+from gateway.core.billing import plans
+from gateway.core.billing import run as billing_run
+from gateway.core.billing.rules import Period
 from gateway.core.db import transaction
 from gateway.core.models import (
     Bill,
@@ -46,8 +49,13 @@ from gateway.core.models import (
     Workspace,
 )
 from gateway.core.settings import BillingSettings
+from gateway.sync import outbox
+from gateway.sync.reconcile import ReconciliationReport, reconcile
 
-UTC = timezone.utc
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+UTC = UTC
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 MARCH = (date(2026, 3, 1), date(2026, 3, 31))
 #: Every customer's March is over (UTC customers), so the run bills March.
@@ -98,7 +106,7 @@ def build_world(
         s.add(partner)
         s.flush()
         principal = system_principal(partner.id, "test:world")
-        plan = svc.create_plan(s, principal, name="Managed", price_per_device=str(PRICE), currency="USD", now=T0)
+        plan = plans.create_plan(s, principal, name="Managed", price_per_device=str(PRICE), currency="USD", now=T0)
         people = [Customer(partner_id=partner.id, name=f"Customer {i:05d}", timezone="UTC",
                            billing_email=f"c{i}@example.com", created_at=T0) for i in range(total)]
         s.add_all(people)
@@ -124,16 +132,16 @@ def build_world(
                 {"connection": connection, "kind": MappingKind.PSA_COMPANY, "external_id": str(company),
                  "external_name": f"PSA company {company}", "customer_id": c.id, "auto_created": False,
                  "first_seen_at": T0, "last_seen_at": T0}
-                for c, company in zip(people[:customers], company_ids)
+                for c, company in zip(people[:customers], company_ids, strict=False)  # extra companies stay unmapped
             ])
-        # The rows svc.associate writes, in one flush (it checks and flushes customer by customer: slow for 2,000).
+        # The rows associations.associate writes, in one flush (it checks and flushes customer by customer: slow for 2,000).
         s.add_all(PlanAssociation(plan_id=plan.id, customer_id=c.id, cycle=cycle(i), starts_on=MARCH[0], due_days=30,
                                   email="ap@example.com", created_at=T0) for i, c in enumerate(people))
         partner_id, customer_ids = partner.id, [c.id for c in people]
     bill_ids = []
     for period in periods or [None]:
         with transaction(db) as s:
-            bill_ids += svc.run_billing(s, now=billed_at, billing=BillingSettings(), issue=issue, period=period).bill_ids
+            bill_ids += billing_run.run_billing(s, now=billed_at, billing=BillingSettings(), issue=issue, period=period).bill_ids
     if not periods:
         assert len(bill_ids) == total, f"the billing run made {len(bill_ids)} bills, expected {total}"
     return World(partner_id, customer_ids, bill_ids)
@@ -191,34 +199,6 @@ def autotask_connection(name: str, base_url: str, *, requests: int = 100_000, pe
             "options": options}
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def write_config(path: Path, *, database_url: str, sections: Mapping[str, Mapping[str, Any]],
-                 connections: Sequence[Mapping[str, Any]]) -> Path:
-    """A gateway TOML file: plain sections (``outbox``, ``server``…) and ``[[connections]]`` with sub-tables."""
-    lines = ["[database]", f"url = {_toml_value(database_url)}"]
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-    for connection in connections:
-        lines.append("[[connections]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in connection.items() if not isinstance(v, Mapping)]
-        for k, v in connection.items():
-            if isinstance(v, Mapping) and v:
-                lines.append(f"[connections.{k}]")
-                lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @contextmanager
 def logging_restored() -> Iterator[None]:
     """Put back the logging set-up after the CLI configured it for a stream that a test then closes."""
@@ -247,7 +227,7 @@ class ServedApp:
         self._thread = threading.Thread(target=self._loop.run_forever, name="simulator", daemon=True)
         self._runner: web.AppRunner | None = None
 
-    def __enter__(self) -> "ServedApp":
+    def __enter__(self) -> ServedApp:
         self._thread.start()
 
         async def start() -> int:
@@ -255,7 +235,8 @@ class ServedApp:
             await self._runner.setup()
             site = web.TCPSite(self._runner, "127.0.0.1", 0)
             await site.start()
-            return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            port: int = self._runner.addresses[0][1]  # the port the system chose for port 0
+            return port
 
         self.url = f"http://127.0.0.1:{self._submit(start())}"
         return self
@@ -277,3 +258,26 @@ class ServedApp:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+# --- the outbox and reconciliation, wired from a test's gateway ---------------------------------
+
+
+async def outbox_round(gateway: Gateway, worker_id: str, **options: Any) -> outbox.RoundResult:
+    """One ``deliver_round`` of ``worker_id`` with the gateway's parts (``options``: limit, adapters, build)."""
+    return await outbox.deliver_round(gateway.db, gateway.clock, gateway.settings.outbox, gateway.build_psa,
+                                      gateway.notify, worker_id, delivered=gateway.bill_delivered, **options)
+
+
+async def outbox_until_idle(gateway: Gateway, worker_id: str, **options: Any) -> outbox.RoundResult:
+    """``deliver_until_idle`` of ``worker_id`` over the gateway's PSA connections (``options``: stop)."""
+    return await outbox.deliver_until_idle(gateway.db, gateway.clock, gateway.settings.outbox, gateway.build_psa,
+                                           gateway.notify, worker_id, delivered=gateway.bill_delivered,
+                                           connections=[c.name for c in gateway.connections("psa")], **options)
+
+
+async def reconcile_gateway(gateway: Gateway, period_start: date, period_end: date,
+                            **options: Any) -> ReconciliationReport:
+    """``reconcile`` over the gateway's PSA connections (``options``: adapters)."""
+    return await reconcile(gateway.db, gateway.connections("psa"), gateway.build_psa, gateway.notify,
+                           period_start, period_end, **options)

@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import getpass
 import sys
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway.commands.common import add_json_flag, gateway_from_args, print_json, print_table
-from gateway.core import bills as svc
-from gateway.core import documents
 from gateway.core.access import Principal, system_principal
-from gateway.core.billing import BillDraft, final_billing_date, parse_month
+from gateway.core.billing import associations, lifecycle, plans, reports, subscriptions
+from gateway.core.billing import run as billing_run
+from gateway.core.billing.documents import csv as csv_docs
+from gateway.core.billing.documents import format as fmt
+from gateway.core.billing.drafts import BillDraft
+from gateway.core.billing.rules import final_billing_date, parse_month
 from gateway.core.clock import FrozenClock
 from gateway.core.db import transaction
 from gateway.core.models import Bill, BillingCycle, BillStatus, Customer, Partner, PlanAssociation, ServicePlan
@@ -115,7 +118,7 @@ def _register_plans(subparsers: argparse._SubParsersAction) -> None:
 def _plans_list(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with gateway.db() as session:
-        rows = [_plan_row(p) for p in svc.list_plans(session, _principal(session, args), include_archived=args.all)]
+        rows = [_plan_row(p) for p in plans.list_plans(session, _principal(session, args), include_archived=args.all)]
     _out(args, rows, ["id", "name", "price_per_device", "currency", "archived_at"])
     return 0
 
@@ -123,8 +126,8 @@ def _plans_list(args: argparse.Namespace) -> int:
 def _plans_add(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with transaction(gateway.db) as session:
-        plan = svc.create_plan(session, _principal(session, args), name=args.name, price_per_device=args.price,
-                               currency=args.currency, now=gateway.clock.now())
+        plan = plans.create_plan(session, _principal(session, args), name=args.name, price_per_device=args.price,
+                                 currency=args.currency, now=gateway.clock.now())
         row = _plan_row(plan)
     _out(args, [row], ["id", "name", "price_per_device", "currency"])
     return 0
@@ -133,10 +136,10 @@ def _plans_add(args: argparse.Namespace) -> int:
 def _plans_show(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with gateway.db() as session:
-        plan = svc.get_plan(session, _principal(session, args), args.plan_id)
+        plan = plans.get_plan(session, _principal(session, args), args.plan_id)
         row = _plan_row(plan)
-        row["prices"] = [{"effective_from": None if p.effective_from == svc.SINCE_ALWAYS else p.effective_from,
-                          "price_per_device": p.price} for p in svc.plan_prices(session, plan.id)]
+        row["prices"] = [{"effective_from": None if p.effective_from == plans.SINCE_ALWAYS else p.effective_from,
+                          "price_per_device": p.price} for p in plans.plan_prices(session, plan.id)]
     if args.json:
         print_json(row)
     else:
@@ -149,8 +152,8 @@ def _plans_price(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     now = gateway.clock.now()
     with transaction(gateway.db) as session:
-        plan = svc.change_price(session, _principal(session, args), args.plan_id, price_per_device=args.price,
-                                effective_from=args.effective_from or now.date(), now=now)
+        plan = plans.change_price(session, _principal(session, args), args.plan_id, price_per_device=args.price,
+                                  effective_from=args.effective_from or now.date(), now=now)
         row = _plan_row(plan)
     _out(args, [row], ["id", "name", "price_per_device", "currency"])
     return 0
@@ -159,7 +162,7 @@ def _plans_price(args: argparse.Namespace) -> int:
 def _plans_archive(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with transaction(gateway.db) as session:
-        row = _plan_row(svc.archive_plan(session, _principal(session, args), args.plan_id, now=gateway.clock.now()))
+        row = _plan_row(plans.archive_plan(session, _principal(session, args), args.plan_id, now=gateway.clock.now()))
     _out(args, [row], ["id", "name", "archived_at"])
     return 0
 
@@ -198,7 +201,7 @@ def _register_associations(subparsers: argparse._SubParsersAction) -> None:
 def _associations_list(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with gateway.db() as session:
-        rows = [_association_row(a) for a in svc.list_associations(
+        rows = [_association_row(a) for a in associations.list_associations(
             session, _principal(session, args), plan_id=args.plan, customer_id=args.customer)]
     _out(args, rows, _ASSOCIATION_COLUMNS)
     return 0
@@ -208,9 +211,10 @@ def _associations_add(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     due_days = args.due_days if args.due_days is not None else gateway.settings.billing.default_due_days
     with transaction(gateway.db) as session:
-        created = svc.associate(session, _principal(session, args), plan_id=args.plan, customer_ids=args.customer,
-                                cycle=args.cycle, starts_on=args.start, due_days=due_days, email=args.email,
-                                mail=gateway.settings.mail, now=gateway.clock.now())
+        created = associations.associate(session, _principal(session, args), plan_id=args.plan,
+                                         customer_ids=args.customer, cycle=args.cycle, starts_on=args.start,
+                                         due_days=due_days, email=args.email, mail=gateway.settings.mail,
+                                         now=gateway.clock.now())
         rows = [_association_row(a) for a in created]
     _out(args, rows, _ASSOCIATION_COLUMNS)
     return 0
@@ -219,8 +223,8 @@ def _associations_add(args: argparse.Namespace) -> int:
 def _associations_remove(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with transaction(gateway.db) as session:
-        ended = svc.dissociate(session, _principal(session, args), plan_id=args.plan, customer_ids=args.customer,
-                               now=gateway.clock.now())
+        ended = associations.dissociate(session, _principal(session, args), plan_id=args.plan,
+                                        customer_ids=args.customer, now=gateway.clock.now())
         rows = [_association_row(a) for a in ended]
     _out(args, rows, _ASSOCIATION_COLUMNS)
     return 0
@@ -232,7 +236,7 @@ def _associations_remove(args: argparse.Namespace) -> int:
 def bill_row(bill: Bill) -> dict[str, Any]:
     return {"id": bill.id, "number": bill.number, "customer_id": bill.customer_id, "kind": bill.kind,
             "period_start": bill.period_start, "period_end": bill.period_end, "devices": bill.device_count,
-            "total": documents.money(bill.total, bill.currency), "currency": bill.currency, "status": bill.status,
+            "total": fmt.money(bill.total, bill.currency), "currency": bill.currency, "status": bill.status,
             "issued_on": bill.issued_on, "due_on": bill.due_on, "email": bill.email, "emailed_at": bill.emailed_at,
             "email_error": bill.email_error}
 
@@ -262,7 +266,7 @@ def _register_bills(subparsers: argparse._SubParsersAction) -> None:
     credit.add_argument("--reason", required=True)
     charge = _action(actions, "adjust", _bills_adjust, "a one-off charge, discount or credit for the next bill (S3)")
     charge.add_argument("--customer", type=int, metavar="ID", required=True)
-    charge.add_argument("--kind", choices=svc.ADJUSTMENT_KINDS, required=True)
+    charge.add_argument("--kind", choices=lifecycle.ADJUSTMENT_KINDS, required=True)
     charge.add_argument("--amount", required=True)
     charge.add_argument("--currency", required=True)
     charge.add_argument("--description", required=True)
@@ -284,7 +288,7 @@ def _register_bills(subparsers: argparse._SubParsersAction) -> None:
 def _bills_list(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with gateway.db() as session:
-        rows = [bill_row(b) for b in svc.list_bills(session, _principal(session, args), customer_id=args.customer,
+        rows = [bill_row(b) for b in lifecycle.list_bills(session, _principal(session, args), customer_id=args.customer,
                                                      status=args.status)]
     _out(args, rows, _BILL_COLUMNS)
     return 0
@@ -293,11 +297,11 @@ def _bills_list(args: argparse.Namespace) -> int:
 def _bills_show(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with gateway.db() as session:
-        bill = svc.get_bill(session, _principal(session, args), args.bill_id)
+        bill = lifecycle.get_bill(session, _principal(session, args), args.bill_id)
         row = bill_row(bill)
         row["lines"] = [{"position": line.position, "kind": line.kind, "description": line.description,
-                         "quantity": documents.number(line.quantity), "unit_price": documents.number(line.unit_price),
-                         "amount": documents.money(line.amount, bill.currency)} for line in bill.lines]
+                         "quantity": fmt.number(line.quantity), "unit_price": fmt.number(line.unit_price),
+                         "amount": fmt.money(line.amount, bill.currency)} for line in bill.lines]
     if args.json:
         print_json(row)
     else:
@@ -315,15 +319,15 @@ def _bill_change(args: argparse.Namespace, change: Any) -> int:
 
 
 def _bills_paid(args: argparse.Namespace) -> int:
-    return _bill_change(args, svc.mark_paid)
+    return _bill_change(args, lifecycle.mark_paid)
 
 
 def _bills_void(args: argparse.Namespace) -> int:
-    return _bill_change(args, svc.void_bill)
+    return _bill_change(args, lifecycle.void_bill)
 
 
 def _bills_finalize(args: argparse.Namespace) -> int:
-    return _bill_change(args, svc.finalize_bill)
+    return _bill_change(args, lifecycle.finalize_bill)
 
 
 def _adjustment_row(adjustment: Any) -> dict[str, Any]:
@@ -334,8 +338,8 @@ def _adjustment_row(adjustment: Any) -> dict[str, Any]:
 def _bills_credit(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with transaction(gateway.db) as session:
-        row = _adjustment_row(svc.credit_bill(session, _principal(session, args), args.bill_id, amount=args.amount,
-                                              reason=args.reason, now=gateway.clock.now()))
+        row = _adjustment_row(lifecycle.credit_bill(session, _principal(session, args), args.bill_id,
+                                                    amount=args.amount, reason=args.reason, now=gateway.clock.now()))
     _out(args, [row], ["id", "customer_id", "kind", "description", "amount", "currency"])
     return 0
 
@@ -343,7 +347,7 @@ def _bills_credit(args: argparse.Namespace) -> int:
 def _bills_adjust(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with transaction(gateway.db) as session:
-        row = _adjustment_row(svc.add_adjustment(
+        row = _adjustment_row(lifecycle.add_adjustment(
             session, _principal(session, args), customer_id=args.customer, kind=args.kind, description=args.description,
             amount=args.amount, currency=args.currency, now=gateway.clock.now()))
     _out(args, [row], ["id", "customer_id", "kind", "description", "amount", "currency"])
@@ -365,12 +369,14 @@ def _write(data: bytes, output: Path | None, what: str) -> None:
 def _bill_document(args: argparse.Namespace, kind: str) -> int:
     gateway = gateway_from_args(args)
     with gateway.db() as session:
-        bill = svc.get_bill(session, _principal(session, args), args.bill_id)
+        bill = lifecycle.get_bill(session, _principal(session, args), args.bill_id)
         customer = session.get_one(Customer, bill.customer_id)
         if kind == "csv":
-            data = documents.bill_csv(bill, customer)
+            data = csv_docs.bill_csv(bill, customer)
         else:
-            data = documents.bill_pdf(bill, customer, session.get_one(Partner, bill.partner_id))
+            from gateway.core.billing.documents import pdf as pdf_docs  # fpdf2 loads with the first PDF only
+
+            data = pdf_docs.bill_pdf(bill, customer, session.get_one(Partner, bill.partner_id))
     _write(data, args.output, f"bill {bill.number} ({kind})")
     return 0
 
@@ -387,11 +393,13 @@ def _bills_consolidated(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with gateway.db() as session:
         principal = _principal(session, args)
-        customer, bills = svc.customer_bills(session, principal, args.customer)
+        customer, bills = lifecycle.customer_bills(session, principal, args.customer)
         if args.format == "csv":
-            data = documents.consolidated_csv(customer, bills)
+            data = csv_docs.consolidated_csv(customer, bills)
         else:
-            data = documents.consolidated_pdf(customer, session.get_one(Partner, principal.partner_id), bills)
+            from gateway.core.billing.documents import pdf as pdf_docs  # fpdf2 loads with the first PDF only
+
+            data = pdf_docs.consolidated_pdf(customer, session.get_one(Partner, principal.partner_id), bills)
     _write(data, args.output, f"consolidated bill of {customer.name} ({args.format})")
     return 0
 
@@ -404,7 +412,7 @@ def _bills_email(args: argparse.Namespace) -> int:
         with gateway.db() as session:
             principal = _principal(session, args)
             for bill_id in args.bill:
-                svc.get_bill(session, principal, bill_id)
+                lifecycle.get_bill(session, principal, bill_id)
     outcome = asyncio.run(send_bill_emails(gateway.db, mail=gateway.settings.mail, clock=gateway.clock,
                                            bill_ids=args.bill, plugins=gateway.plugins))
     rows = [{"bill": number, "result": "sent"} for number in outcome.sent]
@@ -438,7 +446,7 @@ def _register_billing(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _subscription_row(sub: Any) -> dict[str, Any]:
-    from gateway.core.billing import final_billing_date, first_charge_date, local_day
+    from gateway.core.billing.rules import final_billing_date, first_charge_date, local_day
 
     enabled_on = local_day(sub.enabled_at, sub.timezone)
     return {"partner_id": sub.partner_id, "enabled_on": enabled_on, "timezone": sub.timezone,
@@ -454,19 +462,22 @@ _SUB_COLUMNS = ["partner_id", "enabled_on", "timezone", "price_per_device", "cur
 def _billing_status(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with gateway.db() as session:
-        row = _subscription_row(svc.get_subscription(session, _principal(session, args)))
+        row = _subscription_row(subscriptions.get_subscription(session, _principal(session, args)))
     _out(args, [row], _SUB_COLUMNS)
     return 0
 
 
 def _billing_enable(args: argparse.Namespace) -> int:
+    from gateway.sync.jobs import bill_built_lines
+
     gateway = gateway_from_args(args)
     with transaction(gateway.db) as session:
-        sub, bill = svc.enable_monthly(session, _principal(session, args), settings=gateway.settings.billing,
-                                       now=gateway.clock.now(), tz=args.timezone, plugins=gateway.plugins)
+        sub, bill = subscriptions.enable_monthly(session, _principal(session, args), settings=gateway.settings.billing,
+                                                 now=gateway.clock.now(), tz=args.timezone,
+                                                 extra_lines=bill_built_lines(gateway.plugins))
         row = _subscription_row(sub)
         row["activation_bill"] = bill.number
-        row["activation_total"] = documents.money(bill.total, bill.currency)
+        row["activation_total"] = fmt.money(bill.total, bill.currency)
     _out(args, [row], _SUB_COLUMNS + ["activation_bill", "activation_total"])
     return 0
 
@@ -474,8 +485,9 @@ def _billing_enable(args: argparse.Namespace) -> int:
 def _billing_join(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with transaction(gateway.db) as session:
-        workspace = svc.join_monthly(session, _principal(session, args), workspace_id=args.workspace,
-                                     max_devices=args.max_devices, edition_id=args.edition, now=gateway.clock.now())
+        workspace = subscriptions.join_monthly(session, _principal(session, args), workspace_id=args.workspace,
+                                               max_devices=args.max_devices, edition_id=args.edition,
+                                               now=gateway.clock.now())
         row = {"workspace_id": workspace.id, "name": workspace.name, "since": workspace.monthly_billing_since,
                "max_devices": workspace.max_devices, "edition_id": workspace.edition_id}
     _out(args, [row], ["workspace_id", "name", "since", "max_devices", "edition_id"])
@@ -485,8 +497,8 @@ def _billing_join(args: argparse.Namespace) -> int:
 def _billing_cancel(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with transaction(gateway.db) as session:
-        plan = svc.cancel_monthly(session, _principal(session, args), now=gateway.clock.now(), ends_on=args.ends_on,
-                                  confirm=args.yes)
+        plan = subscriptions.cancel_monthly(session, _principal(session, args), now=gateway.clock.now(),
+                                            ends_on=args.ends_on, confirm=args.yes)
     affected = [{"workspace_id": w.workspace_id, "workspace": w.workspace, "customer": w.customer,
                  "devices": len(w.devices), "device_names": w.devices} for w in plan.workspaces]
     if args.json:
@@ -497,6 +509,7 @@ def _billing_cancel(args: argparse.Namespace) -> int:
         print_table(affected, ["workspace_id", "workspace", "customer", "devices", "device_names"],
                     title=f"cancelling ends the monthly license of {len(affected)} workspace(s), {plan.device_count} device(s):")
         if plan.confirmed:
+            assert plan.ends_on is not None  # cancel_monthly confirms only with an end date
             print(f"monthly billing cancelled: service ends on {plan.ends_on}; it can be reactivated until "
                   f"{final_billing_date(plan.ends_on)}")
         else:
@@ -507,7 +520,8 @@ def _billing_cancel(args: argparse.Namespace) -> int:
 def _billing_reactivate(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with transaction(gateway.db) as session:
-        row = _subscription_row(svc.reactivate_monthly(session, _principal(session, args), now=gateway.clock.now()))
+        row = _subscription_row(subscriptions.reactivate_monthly(session, _principal(session, args),
+                                                                 now=gateway.clock.now()))
     _out(args, [row], _SUB_COLUMNS)
     return 0
 
@@ -515,7 +529,7 @@ def _billing_reactivate(args: argparse.Namespace) -> int:
 def _billing_history(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with gateway.db() as session:
-        rows = [vars(entry) for entry in svc.billing_history(session, _principal(session, args))]
+        rows = [vars(entry) for entry in reports.billing_history(session, _principal(session, args))]
     _out(args, rows, ["month", "kind", "bills", "devices", "total", "currency", "paid"])
     return 0
 
@@ -524,7 +538,7 @@ def _billing_usage(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     month = parse_month(args.period)
     with gateway.db() as session:
-        data = documents.usage_csv(svc.usage_rows(session, _principal(session, args), month))
+        data = csv_docs.usage_csv(reports.usage_rows(session, _principal(session, args), month))
     _write(data, args.output, f"usage report {args.period}")
     return 0
 
@@ -546,8 +560,8 @@ def _register_bill(subparsers: argparse._SubParsersAction) -> None:
 def _draft_row(draft: BillDraft) -> dict[str, Any]:
     return {"number": draft.number or "(dry run)", "customer": draft.customer_name, "kind": draft.kind,
             "period_start": draft.period.start, "period_end": draft.period.end, "devices": draft.device_count,
-            "total": documents.money(draft.total, draft.currency), "currency": draft.currency, "due_on": draft.due_on,
-            "lines": [{"description": line.description, "amount": documents.money(line.amount, draft.currency)}
+            "total": fmt.money(draft.total, draft.currency), "currency": draft.currency, "due_on": draft.due_on,
+            "lines": [{"description": line.description, "amount": fmt.money(line.amount, draft.currency)}
                       for line in draft.lines]}
 
 
@@ -558,31 +572,34 @@ def _as_of(text: str | None, now: datetime) -> datetime:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise DomainError(f"--as-of {text!r} is not a time; write it as YYYY-MM-DDTHH:MM (UTC)", field="as_of") from None
-    moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     if moment > now:
         raise DomainError("--as-of cannot be in the future: cycles that have not ended cannot be billed", field="as_of")
     return moment
 
 
 def _bill(args: argparse.Namespace) -> int:
-    from gateway.sync.mail import MailOutcome, billing_job
+    from gateway.sync.jobs import bill_built_lines, billing_job
+    from gateway.sync.mail import MailOutcome
 
     gateway = gateway_from_args(args)
     period = parse_month(args.period) if args.period else None
     gateway.clock = FrozenClock(_as_of(args.as_of, gateway.clock.now()))
     if args.dry_run:
         with gateway.db() as session:  # read only: nothing is committed
-            run = svc.run_billing(session, now=gateway.clock.now(), billing=gateway.settings.billing,
-                                  plugins=gateway.plugins, period=period, dry_run=True)
+            run = billing_run.run_billing(session, now=gateway.clock.now(), billing=gateway.settings.billing,
+                                          extra_lines=bill_built_lines(gateway.plugins), period=period, dry_run=True)
         outcome = MailOutcome()
     elif args.draft or args.no_email:
         with transaction(gateway.db) as session:
-            svc.mark_overdue(session, now=gateway.clock.now())
-            run = svc.run_billing(session, now=gateway.clock.now(), billing=gateway.settings.billing,
-                                  plugins=gateway.plugins, period=period, issue=not args.draft)
+            lifecycle.mark_overdue(session, now=gateway.clock.now())
+            run = billing_run.run_billing(session, now=gateway.clock.now(), billing=gateway.settings.billing,
+                                          extra_lines=bill_built_lines(gateway.plugins), period=period,
+                                          issue=not args.draft)
         outcome = MailOutcome()
     else:
-        result = asyncio.run(billing_job(gateway, period=period))
+        result = asyncio.run(billing_job(gateway.db, gateway.clock, gateway.settings.billing, gateway.settings.mail,
+                                         gateway.plugins, period=period))
         run, outcome = result.run, result.mail
     rows = [_draft_row(d) for d in run.drafts]
     if args.json:

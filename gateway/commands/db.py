@@ -21,7 +21,8 @@ def _upgrade(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     engine = gdb.make_engine(settings.database.url)
     try:
-        before = (gdb.ping(engine), gdb.current_revision(engine))[1]
+        gdb.ping(engine)
+        before = gdb.current_revision(engine)
         gdb.upgrade(engine)
         after = gdb.current_revision(engine)
     finally:

@@ -77,7 +77,9 @@ def _run(args: argparse.Namespace) -> int:
 
     gateway = gateway_from_args(args)
     worker = args.worker_id or f"{socket.gethostname()}:{os.getpid()}"
-    result = asyncio.run(deliver_until_idle(gateway, worker))
+    result = asyncio.run(deliver_until_idle(gateway.db, gateway.clock, gateway.settings.outbox, gateway.build_psa,
+                                            gateway.notify, worker, delivered=gateway.bill_delivered,
+                                            connections=[c.name for c in gateway.connections("psa")]))
     summary = {k: getattr(result, k) for k in ("claimed", "delivered", "already_present", "failed", "dead")}
     if args.json:
         print_json(summary)
@@ -105,7 +107,7 @@ def _reconcile(args: argparse.Namespace) -> int:
 
     gateway = gateway_from_args(args)
     start, end = parse_period(args.period, gateway.clock.now().astimezone(ZoneInfo("UTC")).date())
-    report = asyncio.run(reconcile(gateway, start, end))
+    report = asyncio.run(reconcile(gateway.db, gateway.connections("psa"), gateway.build_psa, gateway.notify, start, end))
     if args.json:
         print_json(
             {

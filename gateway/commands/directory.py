@@ -12,7 +12,7 @@ from sqlalchemy import select
 from gateway.commands.common import add_json_flag, gateway_from_args, print_json, print_table
 from gateway.core import directory
 from gateway.core.db import transaction
-from gateway.core.models import Customer, ExternalMapping, MappingKind, Partner, Workspace
+from gateway.core.models import Customer, ExternalMapping, Partner, Workspace
 from gateway.errors import DomainError
 from gateway.hookspecs import hookimpl
 
@@ -217,7 +217,7 @@ def _sync(args: argparse.Namespace) -> int:
         gateway.plugins.pm.register(PullProgress(sys.stderr), name="cli-progress")
     results = asyncio.run(pull_all(gateway.settings, gateway.db, gateway.plugins, clock=gateway.clock,
                                    only=args.connection))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, result in results.items():
         if isinstance(result, Exception):
             rows.append({"connection": name, "error": str(result)})

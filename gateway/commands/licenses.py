@@ -19,10 +19,24 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from gateway.app import Gateway
 from gateway.commands.common import add_json_flag, gateway_from_args, print_json, print_table, to_jsonable
-from gateway.core import licensing as lic
 from gateway.core.access import Principal, system_principal
 from gateway.core.db import transaction
-from gateway.core.licensing import DeleteMode, LicenseStatus
+from gateway.core.licensing.assignment import assign
+from gateway.core.licensing.history import history_dict, license_history, set_notes
+from gateway.core.licensing.orders import get_order, list_orders
+from gateway.core.licensing.pool import (
+    company_settings,
+    delete_expired,
+    exchange,
+    set_company_settings,
+    set_pool,
+    set_user_allocation,
+    user_allocation,
+)
+from gateway.core.licensing.purchase import buy, buy_bulk
+from gateway.core.licensing.queries import infos_for, license_info, list_licenses
+from gateway.core.licensing.renewal import renew, renew_with_coupon, set_auto_renew
+from gateway.core.licensing.rules import DeleteMode, LicenseStatus
 from gateway.core.models import OrderKind, Partner, PoolMode
 from gateway.errors import Conflict, DomainError, NotFound
 
@@ -187,7 +201,7 @@ def run(args: argparse.Namespace, work: Callable[[Gateway, Session, Principal], 
 
 def _views(gateway: Gateway, session: Session, licenses: list[Any]) -> list[dict[str, Any]]:
     now = gateway.clock.now()
-    return [info.to_dict(now, gateway.settings.licensing) for info in lic.infos_for(session, licenses)]
+    return [info.to_dict(now, gateway.settings.licensing) for info in infos_for(session, licenses)]
 
 
 def _row(view: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +233,7 @@ def _text(value: Any) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     def work(gateway: Gateway, session: Session, principal: Principal) -> tuple[list[dict[str, Any]], int]:
-        infos, total = lic.list_licenses(
+        infos, total = list_licenses(
             session, gateway.clock, gateway.settings.licensing, principal, query=args.query,
             status=LicenseStatus(args.status) if args.status else None, expired=args.expired,
             expiring_soon=args.expiring_soon, coupon_deadline_soon=args.coupon_deadline_soon,
@@ -240,7 +254,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    view = run(args, lambda g, s, p: lic.license_info(s, p, args.key).to_dict(g.clock.now(), g.settings.licensing))
+    view = run(args, lambda g, s, p: license_info(s, p, args.key).to_dict(g.clock.now(), g.settings.licensing))
     _print_license(view, args.json)
     return 0
 
@@ -252,13 +266,13 @@ def _buy(args: argparse.Namespace) -> int:
             if args.notes:
                 raise DomainError("--notes applies to a single purchase; add notes to bulk keys one by one",
                                   field="notes")
-            purchase = lic.buy_bulk(session, gateway.clock, config, principal, edition=args.edition,
-                                    customers=args.customers, devices_per_customer=args.seats,
-                                    term_months=args.term_months)
+            purchase = buy_bulk(session, gateway.clock, config, principal, edition=args.edition,
+                                customers=args.customers, devices_per_customer=args.seats,
+                                term_months=args.term_months)
         else:
-            purchase = lic.buy(session, gateway.clock, config, principal, edition=args.edition, seats=args.seats,
-                               term_months=args.term_months, notes=args.notes)
-        order = lic.get_order(session, gateway.clock, config, principal, purchase.order.id).to_dict()
+            purchase = buy(session, gateway.clock, config, principal, edition=args.edition, seats=args.seats,
+                           term_months=args.term_months, notes=args.notes)
+        order = get_order(session, gateway.clock, config, principal, purchase.order.id).to_dict()
         return {"order": order, "licenses": _views(gateway, session, purchase.licenses)}
 
     result = run(args, work)
@@ -274,8 +288,8 @@ def _buy(args: argparse.Namespace) -> int:
 
 def _assign(args: argparse.Namespace) -> int:
     def work(gateway: Gateway, session: Session, principal: Principal) -> dict[str, Any]:
-        assigned = lic.assign(session, gateway.clock, gateway.settings.licensing, principal, args.key,
-                              args.workspace_id)
+        assigned = assign(session, gateway.clock, gateway.settings.licensing, principal, args.key,
+                          args.workspace_id)
         return _views(gateway, session, [assigned])[0]
 
     view = run(args, work)
@@ -291,11 +305,11 @@ def _renew(args: argparse.Namespace) -> int:
     def work(gateway: Gateway, session: Session, principal: Principal) -> dict[str, Any]:
         config = gateway.settings.licensing
         if args.coupon:
-            renewal = lic.renew_with_coupon(session, gateway.clock, config, principal, args.key, edition=args.edition)
+            renewal = renew_with_coupon(session, gateway.clock, config, principal, args.key, edition=args.edition)
         else:
-            renewal = lic.renew(session, gateway.clock, config, principal, args.key, years=args.years,
-                                edition=args.edition)
-        order = (lic.get_order(session, gateway.clock, config, principal, renewal.order.id).to_dict()
+            renewal = renew(session, gateway.clock, config, principal, args.key, years=args.years,
+                            edition=args.edition)
+        order = (get_order(session, gateway.clock, config, principal, renewal.order.id).to_dict()
                  if renewal.order else None)
         return {"license": _views(gateway, session, [renewal.license])[0], "order": order,
                 "coupon": renewal.coupon.key if renewal.coupon else None}
@@ -313,7 +327,7 @@ def _renew(args: argparse.Namespace) -> int:
 
 def _notes(args: argparse.Namespace) -> int:
     def work(gateway: Gateway, session: Session, principal: Principal) -> dict[str, Any]:
-        return _views(gateway, session, [lic.set_notes(session, gateway.clock, principal, args.key, args.text)])[0]
+        return _views(gateway, session, [set_notes(session, gateway.clock, principal, args.key, args.text)])[0]
 
     view = run(args, work)
     print_json(view) if args.json else print(f"{view['key']}: notes set to {view['notes']!r}")
@@ -322,8 +336,8 @@ def _notes(args: argparse.Namespace) -> int:
 
 def _auto_renew(args: argparse.Namespace) -> int:
     def work(gateway: Gateway, session: Session, principal: Principal) -> dict[str, Any]:
-        changed = lic.set_auto_renew(session, gateway.clock, gateway.settings.licensing, principal, args.key,
-                                     args.state == "on")
+        changed = set_auto_renew(session, gateway.clock, gateway.settings.licensing, principal, args.key,
+                                 args.state == "on")
         return _views(gateway, session, [changed])[0]
 
     view = run(args, work)
@@ -337,8 +351,8 @@ def _auto_renew(args: argparse.Namespace) -> int:
 
 def _history(args: argparse.Namespace) -> int:
     def work(gateway: Gateway, session: Session, principal: Principal) -> list[dict[str, Any]]:
-        rows, _total = lic.license_history(session, principal, args.key, limit=10_000)
-        return [lic.history_dict(r) for r in rows]
+        rows, _total = license_history(session, principal, args.key, limit=10_000)
+        return [history_dict(r) for r in rows]
 
     rows = run(args, work)
     if args.json:
@@ -358,8 +372,8 @@ def _delete_expired(args: argparse.Namespace) -> int:
     mode = DeleteMode(args.mode)
 
     def work(gateway: Gateway, session: Session, principal: Principal) -> list[dict[str, Any]]:
-        chosen = lic.delete_expired(session, gateway.clock, gateway.settings.licensing, principal, mode,
-                                    dry_run=not args.yes)
+        chosen = delete_expired(session, gateway.clock, gateway.settings.licensing, principal, mode,
+                                dry_run=not args.yes)
         return _views(gateway, session, chosen)
 
     views = run(args, work)
@@ -376,7 +390,7 @@ def _delete_expired(args: argparse.Namespace) -> int:
 
 def _exchange(args: argparse.Namespace) -> int:
     def work(gateway: Gateway, session: Session, principal: Principal) -> dict[str, Any]:
-        replacement = lic.exchange(session, gateway.clock, gateway.settings.licensing, principal, args.key)
+        replacement = exchange(session, gateway.clock, gateway.settings.licensing, principal, args.key)
         return _views(gateway, session, [replacement])[0]
 
     view = run(args, work)
@@ -387,8 +401,8 @@ def _exchange(args: argparse.Namespace) -> int:
 
 def _pool(args: argparse.Namespace) -> int:
     def work(gateway: Gateway, session: Session, principal: Principal) -> dict[str, Any]:
-        changed = lic.set_pool(session, gateway.clock, gateway.settings.licensing, principal, args.key,
-                               args.action == "add")
+        changed = set_pool(session, gateway.clock, gateway.settings.licensing, principal, args.key,
+                           args.action == "add")
         return _views(gateway, session, [changed])[0]
 
     view = run(args, work)
@@ -399,9 +413,9 @@ def _pool(args: argparse.Namespace) -> int:
 
 def _orders(args: argparse.Namespace) -> int:
     def work(gateway: Gateway, session: Session, principal: Principal) -> tuple[list[dict[str, Any]], int]:
-        infos, total = lic.list_orders(session, gateway.clock, gateway.settings.licensing, principal,
-                                       kind=OrderKind(args.kind) if args.kind else None, query=args.search,
-                                       limit=args.limit, offset=args.offset)
+        infos, total = list_orders(session, gateway.clock, gateway.settings.licensing, principal,
+                                   kind=OrderKind(args.kind) if args.kind else None, query=args.search,
+                                   limit=args.limit, offset=args.offset)
         return [i.to_dict() for i in infos], total
 
     orders, total = run(args, work)
@@ -418,12 +432,12 @@ def _orders(args: argparse.Namespace) -> int:
 def _settings(args: argparse.Namespace) -> int:
     def work(gateway: Gateway, session: Session, principal: Principal) -> dict[str, Any]:
         if args.automatic_exchange or args.pool_mode or args.pool_limit is not None:
-            lic.set_company_settings(
+            set_company_settings(
                 session, principal,
                 automatic_exchange=None if args.automatic_exchange is None else args.automatic_exchange == "on",
                 pool_mode=PoolMode(args.pool_mode) if args.pool_mode else None, pool_limit=args.pool_limit,
             )
-        return lic.company_settings(session, principal)
+        return company_settings(session, principal)
 
     current = run(args, work)
     if args.json:
@@ -439,10 +453,10 @@ def _allocation(args: argparse.Namespace) -> int:
     def work(gateway: Gateway, session: Session, principal: Principal) -> dict[str, Any]:
         if args.pool_mode is not None:
             mode = None if args.pool_mode == "none" else PoolMode(args.pool_mode)
-            lic.set_user_allocation(session, principal, args.user_id, pool_mode=mode, pool_limit=args.pool_limit)
+            set_user_allocation(session, principal, args.user_id, pool_mode=mode, pool_limit=args.pool_limit)
         elif args.pool_limit is not None:
             raise DomainError("give --pool-mode limited with --pool-limit", field="pool_mode")
-        return lic.user_allocation(session, gateway.clock, principal, args.user_id)
+        return user_allocation(session, gateway.clock, principal, args.user_id)
 
     current = run(args, work)
     if args.json:
@@ -456,10 +470,12 @@ def _allocation(args: argparse.Namespace) -> int:
 
 
 def _daily(args: argparse.Namespace) -> int:
+    from gateway.sync.jobs import run_daily_job
+
     gateway = gateway_from_args(args)
     try:
-        report = asyncio.run(lic.run_daily_job(gateway.db, gateway.clock, gateway.settings.licensing,
-                                               gateway.plugins))
+        report = asyncio.run(run_daily_job(gateway.db, gateway.clock, gateway.settings.licensing,
+                                           gateway.plugins))
     finally:
         gateway.close()
     if args.json:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from gateway.commands.common import add_json_flag, gateway_from_args, print_json, print_table
 from gateway.core.db import transaction
 from gateway.core.models import ApiToken, Partner, User, UserRole
-from gateway.errors import DomainError, NotFound
 from gateway.core.users import create_token, create_user, describe_user, revoke_token
+from gateway.errors import DomainError, NotFound
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     revoke.set_defaults(handler=_revoke_token)
 
 
-def _partner_id(session, given: int | None) -> int:  # type: ignore[no-untyped-def]
+def _partner_id(session: Session, given: int | None) -> int:
     if given is not None:
         return given
     ids = list(session.scalars(select(Partner.id).order_by(Partner.id).limit(2)))

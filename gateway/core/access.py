@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Select, select
+from sqlalchemy import ColumnElement, Select, SQLColumnExpression, select
 from sqlalchemy.orm import Session
 
 from gateway.core.models import Customer, Partner, User, UserCustomer, UserRole, Workspace
@@ -48,7 +48,7 @@ def require_admin(principal: Principal, what: str = "resource") -> None:
         raise NotFound(f"no such {what}")
 
 
-def visible_customer_ids(principal: Principal) -> Select[tuple[int]]:
+def visible_customer_ids(principal: Principal) -> Select[int]:
     """A subquery of the customer ids the principal may see."""
     stmt = select(Customer.id).where(Customer.partner_id == principal.partner_id)
     if not principal.is_admin:
@@ -57,7 +57,7 @@ def visible_customer_ids(principal: Principal) -> Select[tuple[int]]:
     return stmt
 
 
-def customer_clause(principal: Principal, customer_id_column: ColumnElement[int]) -> ColumnElement[bool]:
+def customer_clause(principal: Principal, customer_id_column: SQLColumnExpression[int]) -> ColumnElement[bool]:
     """A WHERE clause keeping only rows whose ``customer_id_column`` the principal may see."""
     return customer_id_column.in_(visible_customer_ids(principal))
 

@@ -7,7 +7,7 @@ handing them a :class:`FrozenClock`.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
@@ -21,7 +21,7 @@ class SystemClock:
     """The real clock, used by the CLI and the daemon."""
 
     def now(self) -> datetime:
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
 
 
 class FrozenClock:
@@ -44,4 +44,4 @@ class FrozenClock:
 def _require_aware(at: datetime) -> datetime:
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError(f"clock times must be timezone-aware, got naive {at.isoformat()}")
-    return at.astimezone(timezone.utc)
+    return at.astimezone(UTC)

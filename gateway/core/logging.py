@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 REDACTED = "[REDACTED]"
 #: Field names whose values are dropped whatever they hold.
@@ -43,7 +44,7 @@ class SecretRedactor:
     def forget(self, secret: str) -> None:
         self._secrets = [s for s in self._secrets if s != secret]
 
-    def __call__(self, _logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, _logger: WrappedLogger, _method: str, event: EventDict) -> dict[str, Any]:
         return {key: self._clean(key, value) for key, value in event.items()}
 
     def _clean(self, key: str | None, value: Any) -> Any:

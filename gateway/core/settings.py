@@ -194,7 +194,7 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
     @model_validator(mode="after")
-    def _unique_connection_names(self) -> "Settings":
+    def _unique_connection_names(self) -> Settings:
         seen: dict[str, int] = {}
         for index, connection in enumerate(self.connections):
             if connection.name in seen:

@@ -43,17 +43,17 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from zoneinfo import ZoneInfo
 
 import structlog
-from sqlalchemy import func, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import CursorResult, Table, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.adapters import AdapterContext, DevicePage, RmmAdapter, RmmDevice, RmmOrganization
-from gateway.core import billing as rules
 from gateway.core import db as gdb
+from gateway.core import store
+from gateway.core.billing import rules
 from gateway.core.clock import Clock
 from gateway.core.models import (
     ConnectionState,
@@ -66,7 +66,7 @@ from gateway.core.models import (
     Workspace,
 )
 from gateway.errors import ConfigError, GatewayError, NotFound
-from gateway.plugins.psa_common import int_option
+from gateway.options import int_option
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from gateway.core.settings import ConnectionSettings, Settings
@@ -74,9 +74,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 log = structlog.get_logger(__name__)
 
-_DEVICES = Device.__table__
-_ACTIVITY = DeviceActivity.__table__
-_MAPPINGS = ExternalMapping.__table__
+# Each model is mapped to a Table; a mapped class's __table__ is typed as any FromClause.
+_DEVICES = cast(Table, Device.__table__)
+_ACTIVITY = cast(Table, DeviceActivity.__table__)
+_MAPPINGS = cast(Table, ExternalMapping.__table__)
 
 
 @dataclass
@@ -277,8 +278,9 @@ class _Pull:
             else:
                 unchanged += 1
             if refused is None and workspace_id is not None and device.last_contact is not None:
-                zone = self.targets[device.org_external_id].zone  # type: ignore[union-attr]
-                day = device.last_contact.astimezone(zone).date()
+                target = self.targets[device.org_external_id]
+                assert target is not None  # _place gives a workspace only to a device of a mapped organisation
+                day = device.last_contact.astimezone(target.zone).date()
                 activity.append((device.external_id if old is None else old["id"], day))
         self.summary.devices_new += len(inserts)
         self.summary.devices_updated += len(updates)
@@ -299,7 +301,7 @@ class _Pull:
             rows = [
                 {"device_id": new_ids[key] if isinstance(key, str) else key, "day": day} for key, day in activity
             ]
-            session.execute(_insert_ignore(session, _ACTIVITY), rows)
+            session.execute(store.insert_ignore(_ACTIVITY, session.get_bind().dialect.name), rows)
 
     def _learn_unknown_orgs(self, session: Session, devices: Iterable[RmmDevice], now: datetime) -> None:
         """A device of an organisation that was not listed: record the organisation as unmapped (G1)."""
@@ -307,7 +309,7 @@ class _Pull:
         if not unknown:
             return
         session.execute(
-            _insert_ignore(session, _MAPPINGS),
+            store.insert_ignore(_MAPPINGS, session.get_bind().dialect.name),
             [
                 {
                     "connection": self.connection,
@@ -333,7 +335,7 @@ class _Pull:
         wanted = {t.workspace_id for d in devices if (t := self.targets.get(d.org_external_id)) is not None}
         if not wanted:
             return {}
-        workspaces = Workspace.__table__
+        workspaces = cast(Table, Workspace.__table__)
         limits = dict(
             session.execute(
                 select(workspaces.c.id, workspaces.c.max_devices)
@@ -344,7 +346,7 @@ class _Pull:
         )
         if not limits:
             return {}
-        taken = dict(
+        taken: dict[int, int] = dict(
             session.execute(
                 select(_DEVICES.c.workspace_id, func.count())
                 .where(
@@ -398,7 +400,7 @@ async def pull_devices(
     clock: Clock,
     auto_map: bool = False,
     partner_id: int | None = None,
-    plugins: "GatewayPluginManager | None" = None,
+    plugins: GatewayPluginManager | None = None,
     batch_devices: int = 5000,
 ) -> PullSummary:
     """Pull every device of ``connection`` through ``adapter``, resuming from its stored cursor.
@@ -470,9 +472,9 @@ async def pull_devices(
 
 
 async def pull_connection(
-    settings: "ConnectionSettings",
+    settings: ConnectionSettings,
     sessions: sessionmaker[Session],
-    plugins: "GatewayPluginManager",
+    plugins: GatewayPluginManager,
     *,
     clock: Clock,
 ) -> PullSummary:
@@ -481,10 +483,10 @@ async def pull_connection(
     if spec is None or spec.role != "rmm":
         raise ConfigError(f"connection {settings.name!r}: plugin {settings.plugin!r} is not an installed RMM adapter")
     partner_id = int_option(settings.name, settings.options, "partner_id", None)
-    adapter = spec.factory(settings, AdapterContext(clock=clock))
+    adapter = cast(RmmAdapter, spec.factory(settings, AdapterContext(clock=clock)))  # the spec's role is "rmm"
     try:
         return await pull_devices(
-            adapter,  # type: ignore[arg-type]
+            adapter,
             settings.name,
             sessions,
             clock=clock,
@@ -497,9 +499,9 @@ async def pull_connection(
 
 
 async def pull_all(
-    settings: "Settings",
+    settings: Settings,
     sessions: sessionmaker[Session],
-    plugins: "GatewayPluginManager",
+    plugins: GatewayPluginManager,
     *,
     clock: Clock,
     only: Iterable[str] | None = None,
@@ -519,12 +521,12 @@ async def pull_all(
         *(pull_connection(c, sessions, plugins, clock=clock) for c in connections), return_exceptions=True
     )
     outcome: dict[str, PullSummary | GatewayError] = {}
-    for connection, result in zip(connections, results):
+    for connection, result in zip(connections, results, strict=True):
         if isinstance(result, BaseException) and not isinstance(result, GatewayError):
             if not isinstance(result, Exception):
                 raise result
             result = GatewayError(f"{connection.name}: {type(result).__name__}: {result}")
-        outcome[connection.name] = result  # type: ignore[assignment]
+        outcome[connection.name] = result
     return outcome
 
 
@@ -639,16 +641,6 @@ def _auto_map_partner(session: Session, connection: str, partner_id: int | None)
     return ids[0]
 
 
-def _insert_ignore(session: Session, table: Any) -> Any:
-    """INSERT ... ON CONFLICT DO NOTHING on SQLite and PostgreSQL."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
-    if dialect == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing()
-    raise GatewayError(f"the device pull supports SQLite and PostgreSQL, not {dialect}")
-
-
 def _start(sessions: sessionmaker[Session], connection: str, now: datetime) -> str | None:
     """The stored cursor of ``connection``; creates its state row so pages only update it."""
     with gdb.transaction(sessions) as session:
@@ -660,9 +652,10 @@ def _start(sessions: sessionmaker[Session], connection: str, now: datetime) -> s
 
 
 def _save_cursor(session: Session, connection: str, cursor: str | None, now: datetime) -> None:
+    states = cast(Table, ConnectionState.__table__)
     session.execute(
-        update(ConnectionState.__table__)
-        .where(ConnectionState.__table__.c.connection == connection)
+        update(states)
+        .where(states.c.connection == connection)
         .values(cursor=cursor, updated_at=now)
     )
 
@@ -679,7 +672,8 @@ def _mark_removed(sessions: sessionmaker[Session], connection: str, pass_id: str
             )
             .values(deleted=True, updated_at=now)
         )
-    removed = result.rowcount
+    # an UPDATE gives a CursorResult; Session.execute is typed as giving any Result
+    removed = cast(CursorResult[Any], result).rowcount
     if removed:
         log.info("pull.removed", connection=connection, devices=removed)
     return removed
@@ -722,7 +716,7 @@ def _record_failure(sessions: sessionmaker[Session], connection: str, clock: Clo
         log.error("pull.state_not_saved", connection=connection, error=f"{type(db_exc).__name__}: {db_exc}")
 
 
-async def _devices_seen(plugins: "GatewayPluginManager | None", connection: str, devices: list[RmmDevice]) -> None:
+async def _devices_seen(plugins: GatewayPluginManager | None, connection: str, devices: list[RmmDevice]) -> None:
     if plugins is not None and devices:
         await plugins.call_each_async("gateway_devices_seen", connection=connection, devices=devices)
 

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -112,7 +112,7 @@ class ConnectorStats:
 class Auth(Protocol):
     """Supplies the headers that authenticate a request."""
 
-    async def headers(self, connector: "Connector", *, refresh: bool = False) -> dict[str, str]:
+    async def headers(self, connector: Connector, *, refresh: bool = False) -> dict[str, str]:
         """Headers for the next request; ``refresh=True`` after a 401 asks for new credentials."""
         ...
 
@@ -123,7 +123,7 @@ class StaticAuth(Auth):
     def __init__(self, headers: Mapping[str, str]):
         self._headers = dict(headers)
 
-    async def headers(self, connector: "Connector", *, refresh: bool = False) -> dict[str, str]:
+    async def headers(self, connector: Connector, *, refresh: bool = False) -> dict[str, str]:
         return dict(self._headers)
 
     def __repr__(self) -> str:  # never show the values
@@ -142,7 +142,7 @@ class _OAuth2Token(Auth):
         self._expires_at: datetime | None = None
         self._lock = asyncio.Lock()
 
-    async def headers(self, connector: "Connector", *, refresh: bool = False) -> dict[str, str]:
+    async def headers(self, connector: Connector, *, refresh: bool = False) -> dict[str, str]:
         seen = self._token
         async with self._lock:
             now = connector.clock.now()
@@ -159,7 +159,7 @@ class _OAuth2Token(Auth):
     def _extra_headers(self) -> dict[str, str]:
         return {}
 
-    async def _fetch(self, connector: "Connector") -> None:
+    async def _fetch(self, connector: Connector) -> None:
         try:
             response = await connector.request(
                 "POST",
@@ -270,7 +270,7 @@ class RateLimiter:
                 wait = self._done[0] - horizon if self._done else None
                 try:
                     await asyncio.wait_for(self._released.wait(), timeout=wait)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     def release(self) -> None:
@@ -384,13 +384,13 @@ class Connector:
     @classmethod
     def from_settings(
         cls,
-        settings: "ConnectionSettings",
+        settings: ConnectionSettings,
         *,
         rate_limit: RateLimit,
         auth: Auth | None = None,
         clock: Clock | None = None,
         **kw: Any,
-    ) -> "Connector":
+    ) -> Connector:
         """Build from a ``[[connections]]`` table; its ``rate_limit`` overrides the adapter's default."""
         if settings.rate_limit is not None:
             override = settings.rate_limit
@@ -408,7 +408,7 @@ class Connector:
             session, self._session = self._session, None
             await session.close()
 
-    async def __aenter__(self) -> "Connector":
+    async def __aenter__(self) -> Connector:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -513,12 +513,12 @@ class Connector:
         authenticate: bool,
         deadline_at: float,
     ) -> HttpResponse:
-        use_auth = authenticate and self.auth is not None
-        auth_headers = await self.auth.headers(self) if use_auth else {}  # type: ignore[union-attr]
+        auth = self.auth if authenticate else None
+        auth_headers = await auth.headers(self) if auth is not None else {}
         response = await self._send(method, target, shown, params, json, data, headers, auth_headers, deadline_at)
-        if response.status == 401 and use_auth:
+        if response.status == 401 and auth is not None:
             log.info("http.auth_refresh", connection=self.name, method=method, url=shown)
-            auth_headers = await self.auth.headers(self, refresh=True)  # type: ignore[union-attr]
+            auth_headers = await auth.headers(self, refresh=True)
             response = await self._send(method, target, shown, params, json, data, headers, auth_headers, deadline_at)
         status = response.status
         if status in RETRY_STATUSES or (self._retryable is not None and self._retryable(response)):
@@ -526,7 +526,7 @@ class Connector:
         if status in (401, 403) and authenticate:
             raise AuthError(
                 f"{method} {_without_query(shown)} was refused with HTTP {status}"
-                + (" even with a fresh token" if status == 401 and use_auth else "")
+                + (" even with a fresh token" if status == 401 and auth is not None else "")
                 + "; check the connection's credentials and the API user's permissions",
                 connection=self.name,
                 status=status,
@@ -559,7 +559,7 @@ class Connector:
             try:
                 remaining = deadline_at - started
                 if remaining <= 0:
-                    raise asyncio.TimeoutError()
+                    raise TimeoutError()
                 async with session.request(
                     method,
                     target,
@@ -661,7 +661,7 @@ def _http_date(value: str) -> datetime | None:
         return None
     if parsed is None:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _clean_params(params: Mapping[str, Any] | None) -> dict[str, str] | None:

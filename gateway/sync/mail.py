@@ -38,10 +38,11 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from gateway.core import documents
 from gateway.core.access import system_principal
-from gateway.core.billing import Period, parse_month
-from gateway.core.bills import REPORT_JOB, BillingRun, mark_overdue, monthly_summary, run_billing, usage_rows
+from gateway.core.billing.documents import csv as csv_docs
+from gateway.core.billing.documents import format as fmt
+from gateway.core.billing.reports import REPORT_JOB, monthly_summary, usage_rows
+from gateway.core.billing.rules import Period, parse_month
 from gateway.core.clock import Clock
 from gateway.core.db import transaction
 from gateway.core.logging import REDACTED
@@ -50,7 +51,6 @@ from gateway.core.settings import MailSettings
 from gateway.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gateway.app import Gateway
     from gateway.plugins import GatewayPluginManager
 
 log = structlog.get_logger(__name__)
@@ -99,7 +99,7 @@ class Mailer:
             try:
                 await self.send_once(message)
                 return True
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                 on_failure(self.describe(exc))
                 if attempt + 1 < attempts:
                     await self.sleep(self.retry_delay * (2**attempt))
@@ -123,11 +123,13 @@ def _domain(address: str) -> str:
 
 def bill_message(sender: str, bill: Bill, customer: Customer, partner: Partner) -> EmailMessage:
     """S2: the bill to its association's e-mail, with the bill as PDF and CSV."""
+    from gateway.core.billing.documents import pdf as pdf_docs  # fpdf2 loads with the first PDF, not at start-up
+
     message = EmailMessage()
     message["From"] = sender
     message["To"] = bill.email or ""
     message["Subject"] = (
-        f"Invoice {bill.number} from {partner.name}: {documents.money(bill.total, bill.currency)} {bill.currency}, "
+        f"Invoice {bill.number} from {partner.name}: {fmt.money(bill.total, bill.currency)} {bill.currency}, "
         f"due {bill.due_on.isoformat()}"
     )
     message["Date"] = formatdate(usegmt=True)
@@ -141,15 +143,15 @@ def bill_message(sender: str, bill: Bill, customer: Customer, partner: Partner) 
         "",
         f"Billing cycle: {bill.period_start.isoformat()} to {bill.period_end.isoformat()}",
         f"Devices: {bill.device_count}",
-        f"Total: {documents.money(bill.total, bill.currency)} {bill.currency}",
+        f"Total: {fmt.money(bill.total, bill.currency)} {bill.currency}",
         f"Due date: {bill.due_on.isoformat()}",
         "",
         f"{partner.name}",
     ]
     message.set_content("\n".join(lines))
-    message.add_attachment(documents.bill_pdf(bill, customer, partner), maintype="application", subtype="pdf",
+    message.add_attachment(pdf_docs.bill_pdf(bill, customer, partner), maintype="application", subtype="pdf",
                            filename=f"{bill.number}.pdf")
-    message.add_attachment(documents.bill_csv(bill, customer), maintype="text", subtype="csv",
+    message.add_attachment(csv_docs.bill_csv(bill, customer), maintype="text", subtype="csv",
                            filename=f"{bill.number}.csv")
     return message
 
@@ -236,7 +238,7 @@ def report_message(sender: str, partner: Partner, month: Period, bills: Sequence
     totals: dict[str, Decimal] = {}
     for bill in bills:
         totals[bill.currency] = totals.get(bill.currency, Decimal(0)) + bill.total
-    total_text = ", ".join(f"{documents.money(amount, cur)} {cur}" for cur, amount in sorted(totals.items())) or "0"
+    total_text = ", ".join(f"{fmt.money(amount, cur)} {cur}" for cur, amount in sorted(totals.items())) or "0"
     message = EmailMessage()
     message["From"] = sender
     message["To"] = partner.email or ""
@@ -247,7 +249,7 @@ def report_message(sender: str, partner: Partner, month: Period, bills: Sequence
              f"{'Bill':<22} {'Customer':<30} {'Devices':>7} {'Total':>14}"]
     for bill in bills:
         lines.append(f"{bill.number:<22} {customers.get(bill.customer_id, '?')[:30]:<30} {bill.device_count:>7} "
-                     f"{documents.money(bill.total, bill.currency) + ' ' + bill.currency:>14}")
+                     f"{fmt.money(bill.total, bill.currency) + ' ' + bill.currency:>14}")
     lines += ["", f"Active devices billed: {devices}", f"Total: {total_text}", "",
               "The device usage report (one row per billed device) is attached."]
     message.set_content("\n".join(lines))
@@ -299,7 +301,7 @@ async def send_billing_reports(
             principal = system_principal(partner.id, "system:billing-report")
             bills = monthly_summary(session, partner.id, month)
             customers = dict(session.execute(select(Customer.id, Customer.name).where(Customer.partner_id == partner.id)).all())
-            usage = documents.usage_csv(usage_rows(session, principal, month))
+            usage = csv_docs.usage_csv(usage_rows(session, principal, month))
             message = report_message(mailer.sender, partner, month, bills, usage, customers)
             errors: list[str] = []
             if await mailer.send(message, 1, errors.append):
@@ -324,37 +326,3 @@ def _attempts(owner: str | None) -> int:
 
 
 # --- the billing calendar ------------------------------------------------------------------
-
-
-@dataclass
-class BillingPass:
-    """One pass of the billing calendar: what was billed, what turned overdue, what was e-mailed."""
-
-    run: BillingRun
-    overdue: int
-    mail: MailOutcome
-
-
-async def billing_job(gateway: Gateway, *, period: Period | None = None, sleep: Sleep = asyncio.sleep) -> BillingPass:
-    """The scheduler's billing job (and ``gateway bill``): overdue bills (S3), due bills, then e-mail.
-
-    Run every few minutes: each customer's cycles are billed once its local
-    day has rolled over (S4), so the run "on the 1st" happens per time zone.
-    Bills and report requests are committed before any e-mail is tried.
-    """
-    now = gateway.clock.now()
-    with transaction(gateway.db) as session:
-        overdue = len(mark_overdue(session, now=now))
-        run = run_billing(session, now=now, billing=gateway.settings.billing, plugins=gateway.plugins, period=period)
-    outcome = MailOutcome()
-    if gateway.settings.mail.configured:
-        for part in (
-            await send_bill_emails(gateway.db, mail=gateway.settings.mail, clock=gateway.clock, sleep=sleep,
-                                   plugins=gateway.plugins),
-            await send_billing_reports(gateway.db, mail=gateway.settings.mail, clock=gateway.clock, sleep=sleep),
-        ):
-            outcome.sent += part.sent
-            outcome.failed += part.failed
-    elif run.bill_ids:
-        log.warning("mail.not_configured", bills=len(run.bill_ids), hint="set [mail] to e-mail bills and reports")
-    return BillingPass(run, overdue, outcome)

@@ -23,6 +23,11 @@ leave a delivery leased forever) retry up to ``outbox.max_attempts``; permanent 
 (a 4xx, refused credentials, a customer no longer mapped) and exhausted retries are
 dead-lettered at once, reported through ``gateway_notify``, listed by ``gateway
 deliveries`` and retried by hand.
+
+The worker is handed what it uses, not the wired gateway: the session factory,
+the clock, the ``[outbox]`` settings, a builder of PSA adapters by connection
+name (``psa_for``) and the two hooks it calls as plain callables (``notify`` for
+``gateway_notify``, ``delivered`` for ``gateway_bill_delivered``).
 """
 
 from __future__ import annotations
@@ -30,23 +35,30 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, cast
 
 import structlog
-from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import CursorResult, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.adapters import BillDocument, PsaAdapter, PushResult
-from gateway.app import Gateway
+from gateway.core.clock import Clock
 from gateway.core.db import transaction
 from gateway.core.models import Bill, Delivery, DeliveryStatus
+from gateway.core.settings import OutboxSettings
 from gateway.errors import AuthError, ConfigError, Conflict, GatewayError, NotFound, PermanentError, TransientError
+from gateway.sync.ports import Notify
 
 log = structlog.get_logger(__name__)
 
 DocumentBuilder = Callable[[Session, Delivery], BillDocument]
+#: A new PSA adapter for a connection name (the caller closes it); ConfigError/KeyError if there is none.
+PsaFor = Callable[[str], PsaAdapter]
+#: ``gateway_bill_delivered``: (connection, bill key, push result).
+Delivered = Callable[[str, str, PushResult], Awaitable[None]]
 
 
 @dataclass
@@ -61,17 +73,30 @@ class RoundResult:
     errors: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Outbox:
+    """What one worker's helpers share."""
+
+    db: sessionmaker[Session]
+    clock: Clock
+    settings: OutboxSettings
+    notify: Notify
+    delivered: Delivered
+
+
 def _default_document_builder() -> DocumentBuilder:
-    from gateway.core.bills import bill_document
+    from gateway.core.billing.deliveries import bill_document
 
     return bill_document
 
 
-def claim_due(gateway: Gateway, worker_id: str, *, limit: int) -> list[tuple[int, str]]:
+def claim_due(
+    db: sessionmaker[Session], clock: Clock, settings: OutboxSettings, worker_id: str, *, limit: int
+) -> list[tuple[int, str]]:
     """Lease up to ``limit`` due deliveries to ``worker_id``; returns (delivery id, connection) pairs."""
-    now = gateway.clock.now()
-    lease = now + timedelta(seconds=gateway.settings.outbox.claim_seconds)
-    with transaction(gateway.db) as session:
+    now = clock.now()
+    lease = now + timedelta(seconds=settings.claim_seconds)
+    with transaction(db) as session:
         due = (
             select(Delivery.id)
             .where(
@@ -100,25 +125,25 @@ def claim_due(gateway: Gateway, worker_id: str, *, limit: int) -> list[tuple[int
     return claimed
 
 
-def _retry_delay(gateway: Gateway, attempts: int) -> float:
-    settings = gateway.settings.outbox
+def _retry_delay(settings: OutboxSettings, attempts: int) -> float:
     ceiling = min(settings.max_delay_seconds, settings.base_delay_seconds * (2 ** min(attempts, 30)))
     return random.uniform(settings.base_delay_seconds / 2, max(ceiling, settings.base_delay_seconds / 2))
 
 
-def _record(gateway: Gateway, delivery_id: int, worker_id: str, **values: object) -> bool:
+def _record(db: sessionmaker[Session], delivery_id: int, worker_id: str, **values: object) -> bool:
     """Write a result only while we still hold the lease; False if another worker took it over."""
-    with transaction(gateway.db) as session:
+    with transaction(db) as session:
         result = session.execute(
             update(Delivery)
             .where(Delivery.id == delivery_id, Delivery.claimed_by == worker_id)
             .values(claimed_by=None, claimed_until=None, **values)
         )
-        return result.rowcount == 1
+        # an UPDATE gives a CursorResult; Session.execute is typed as giving any Result
+        return cast(CursorResult[Any], result).rowcount == 1
 
 
 async def _deliver_one(
-    gateway: Gateway,
+    outbox: _Outbox,
     adapter: PsaAdapter,
     delivery_id: int,
     worker_id: str,
@@ -128,21 +153,22 @@ async def _deliver_one(
     # A round claims a batch, but one customer's deliveries are pushed one after another: a later
     # one's lease may run out while an earlier push is slow, and another worker may claim it. So the
     # lease is extended (which proves it is still ours) before anything is loaded or pushed.
-    if not await asyncio.to_thread(_extend_lease, gateway, delivery_id, worker_id):
+    if not await asyncio.to_thread(_extend_lease, outbox, delivery_id, worker_id):
         log.warning("outbox.lease_lost_before_push", delivery=delivery_id, worker=worker_id)
         return
-    lease = asyncio.create_task(_keep_lease(gateway, delivery_id, worker_id))
+    lease = asyncio.create_task(_keep_lease(outbox, delivery_id, worker_id))
     push: PushResult | None = None
     structlog.contextvars.bind_contextvars(delivery=delivery_id)
     try:
-        loaded = await asyncio.to_thread(_load, gateway, delivery_id, build)
+        loaded = await asyncio.to_thread(_load, outbox.db, delivery_id, build)
         if loaded is None:
             return
         attempts, key, connection, document, problem = loaded
         structlog.contextvars.bind_contextvars(connection=connection)
         try:
             if problem is None:
-                push = await adapter.push_bill(document)  # type: ignore[arg-type]
+                assert document is not None  # _load gives either a document or the problem that stopped it
+                push = await adapter.push_bill(document)
         except Exception as exc:  # an adapter's bug must cost an attempt, not leave the delivery leased forever
             problem = exc
     finally:
@@ -150,18 +176,18 @@ async def _deliver_one(
         await asyncio.gather(lease, return_exceptions=True)
         structlog.contextvars.unbind_contextvars("delivery", "connection")
     if problem is not None or push is None:
-        await _failed(gateway, delivery_id, worker_id, key, connection, attempts,
+        await _failed(outbox, delivery_id, worker_id, key, connection, attempts,
                       problem or PermanentError("the adapter answered the push with nothing"), result)
         return
     if not await asyncio.to_thread(
         _record,
-        gateway,
+        outbox.db,
         delivery_id,
         worker_id,
         status=DeliveryStatus.DELIVERED,
         attempts=attempts,
         external_id=push.external_id,
-        delivered_at=gateway.clock.now(),
+        delivered_at=outbox.clock.now(),
         last_error=None,
     ):
         log.warning("outbox.lease_lost", key=key, connection=connection, worker=worker_id, external_id=push.external_id)
@@ -171,14 +197,14 @@ async def _deliver_one(
     else:
         result.already_present += 1
     log.info("outbox.delivered", key=key, external_id=push.external_id, created=push.created)
-    await gateway.plugins.call_each_async("gateway_bill_delivered", connection=connection, bill_key=key, result=push)
+    await outbox.delivered(connection, key, push)
 
 
 def _load(
-    gateway: Gateway, delivery_id: int, build: DocumentBuilder
+    db: sessionmaker[Session], delivery_id: int, build: DocumentBuilder
 ) -> tuple[int, str, str, BillDocument | None, Exception | None] | None:
     """The delivery's attempt number, key, connection, and the document to push (or why there is none)."""
-    with gateway.db() as session:
+    with db() as session:
         delivery = session.get(Delivery, delivery_id)
         if delivery is None:
             return None
@@ -191,30 +217,31 @@ def _load(
         return delivery.attempts + 1, delivery.key, delivery.connection, document, problem
 
 
-def _extend_lease(gateway: Gateway, delivery_id: int, worker_id: str) -> bool:
+def _extend_lease(outbox: _Outbox, delivery_id: int, worker_id: str) -> bool:
     """Extend our lease by a claim period; False if another worker has claimed the delivery since.
 
     One UPDATE, so it and a competing claim are ordered by the database: either
     this extends the lease before the claim sees it expired, or the claim wins.
     """
-    with transaction(gateway.db) as session:
+    with transaction(outbox.db) as session:
         result = session.execute(
             update(Delivery)
             .where(Delivery.id == delivery_id, Delivery.claimed_by == worker_id)
-            .values(claimed_until=gateway.clock.now() + timedelta(seconds=gateway.settings.outbox.claim_seconds))
+            .values(claimed_until=outbox.clock.now() + timedelta(seconds=outbox.settings.claim_seconds))
         )
-        return result.rowcount == 1
+        # an UPDATE gives a CursorResult; Session.execute is typed as giving any Result
+        return cast(CursorResult[Any], result).rowcount == 1
 
 
-async def _keep_lease(gateway: Gateway, delivery_id: int, worker_id: str) -> None:
+async def _keep_lease(outbox: _Outbox, delivery_id: int, worker_id: str) -> None:
     """Extend our lease while a push runs, so a slow push (rate limits, retries) is never taken over mid-way."""
     while True:
-        await asyncio.sleep(gateway.settings.outbox.claim_seconds / 3)
-        await asyncio.to_thread(_extend_lease, gateway, delivery_id, worker_id)
+        await asyncio.sleep(outbox.settings.claim_seconds / 3)
+        await asyncio.to_thread(_extend_lease, outbox, delivery_id, worker_id)
 
 
 async def _failed(
-    gateway: Gateway,
+    outbox: _Outbox,
     delivery_id: int,
     worker_id: str,
     key: str,
@@ -224,32 +251,30 @@ async def _failed(
     result: RoundResult,
 ) -> None:
     """Record a failed attempt: retry later (transient, or an unexpected error), or dead-letter it."""
-    now = gateway.clock.now()
+    now = outbox.clock.now()
     error = f"{type(exc).__name__}: {exc}"
     # A refused bill (a 4xx, a customer no longer mapped) waits for a person. Refused credentials are a
     # problem of the connection, not of this bill: they retry with back-off like a transient failure,
     # so fixing the credentials lets every waiting bill through without retrying each by hand.
     permanent = isinstance(exc, GatewayError) and not isinstance(exc, TransientError | AuthError)
-    dead = permanent or attempts >= gateway.settings.outbox.max_attempts
+    dead = permanent or attempts >= outbox.settings.max_attempts
     values: dict[str, object] = {"attempts": attempts, "last_error": error[:2000]}
     if dead:
         values["status"] = DeliveryStatus.DEAD
     else:
-        values["next_attempt_at"] = now + timedelta(seconds=_retry_delay(gateway, attempts))
+        values["next_attempt_at"] = now + timedelta(seconds=_retry_delay(outbox.settings, attempts))
     if not isinstance(exc, GatewayError):
         log.error("outbox.push_error", key=key, connection=connection, error=error, exc_info=exc)
     result.errors.append(error)
-    if not await asyncio.to_thread(_record, gateway, delivery_id, worker_id, **values):
+    if not await asyncio.to_thread(_record, outbox.db, delivery_id, worker_id, **values):
         log.warning("outbox.lease_lost", key=key, connection=connection, worker=worker_id, error=error)
         return
     if dead:
         result.dead += 1
         log.error("outbox.dead_lettered", key=key, connection=connection, attempts=attempts, error=error)
-        await gateway.plugins.call_each_async(
-            "gateway_notify",
-            event="delivery.dead_lettered",
-            payload={"delivery_id": delivery_id, "connection": connection, "key": key,
-                     "attempts": attempts, "error": error},
+        await outbox.notify(
+            "delivery.dead_lettered",
+            {"delivery_id": delivery_id, "connection": connection, "key": key, "attempts": attempts, "error": error},
         )
     else:
         result.failed += 1
@@ -257,24 +282,30 @@ async def _failed(
 
 
 async def deliver_round(
-    gateway: Gateway,
+    db: sessionmaker[Session],
+    clock: Clock,
+    settings: OutboxSettings,
+    psa_for: PsaFor,
+    notify: Notify,
     worker_id: str,
     *,
+    delivered: Delivered,
     limit: int | None = None,
     adapters: dict[str, PsaAdapter] | None = None,
     build: DocumentBuilder | None = None,
 ) -> RoundResult:
     """Claim and push one batch. ``adapters`` (by connection) are reused if given, else built and closed here."""
+    outbox = _Outbox(db, clock, settings, notify, delivered)
     build = build or _default_document_builder()
     result = RoundResult()
-    claimed = await asyncio.to_thread(claim_due, gateway, worker_id, limit=limit or gateway.settings.outbox.batch_size)
+    claimed = await asyncio.to_thread(claim_due, db, clock, settings, worker_id, limit=limit or settings.batch_size)
     result.claimed = len(claimed)
     if not claimed:
         return result
     by_connection: dict[str, list[int]] = defaultdict(list)
     for delivery_id, connection in claimed:
         by_connection[connection].append(delivery_id)
-    customers = await asyncio.to_thread(_customers_of, gateway, [delivery_id for delivery_id, _ in claimed])
+    customers = await asyncio.to_thread(_customers_of, db, [delivery_id for delivery_id, _ in claimed])
     owned: dict[str, PsaAdapter] = {}
     try:
         tasks = []
@@ -282,10 +313,10 @@ async def deliver_round(
             adapter = (adapters or {}).get(connection)
             if adapter is None:
                 try:
-                    adapter = owned[connection] = gateway.build_adapter(connection)  # type: ignore[assignment]
+                    adapter = owned[connection] = psa_for(connection)
                 except (ConfigError, KeyError) as exc:
                     for delivery_id in ids:
-                        _record(gateway, delivery_id, worker_id, status=DeliveryStatus.DEAD,
+                        _record(db, delivery_id, worker_id, status=DeliveryStatus.DEAD,
                                 last_error=f"connection {connection!r} is not configured: {exc}")
                         result.dead += 1
                     continue
@@ -294,7 +325,7 @@ async def deliver_round(
             queues: dict[int | None, list[int]] = defaultdict(list)
             for delivery_id in ids:
                 queues[customers.get(delivery_id)].append(delivery_id)
-            tasks += [_deliver_in_turn(gateway, adapter, queue, worker_id, build, result) for queue in queues.values()]
+            tasks += [_deliver_in_turn(outbox, adapter, queue, worker_id, build, result) for queue in queues.values()]
         # Every push runs to its end before the adapters close; then a failure (the store, say) is raised.
         for outcome in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(outcome, BaseException):
@@ -306,30 +337,43 @@ async def deliver_round(
 
 
 async def _deliver_in_turn(
-    gateway: Gateway, adapter: PsaAdapter, ids: list[int], worker_id: str, build: DocumentBuilder, result: RoundResult
+    outbox: _Outbox, adapter: PsaAdapter, ids: list[int], worker_id: str, build: DocumentBuilder, result: RoundResult
 ) -> None:
     for delivery_id in ids:
-        await _deliver_one(gateway, adapter, delivery_id, worker_id, build, result)
+        await _deliver_one(outbox, adapter, delivery_id, worker_id, build, result)
 
 
-def _customers_of(gateway: Gateway, delivery_ids: list[int]) -> dict[int, int]:
-    with gateway.db() as session:
+def _customers_of(db: sessionmaker[Session], delivery_ids: list[int]) -> dict[int, int]:
+    with db() as session:
         rows = session.execute(
             select(Delivery.id, Bill.customer_id).join(Bill, Bill.id == Delivery.bill_id).where(Delivery.id.in_(delivery_ids))
         )
         return {delivery_id: customer_id for delivery_id, customer_id in rows}
 
 
-async def deliver_until_idle(gateway: Gateway, worker_id: str, *, stop: asyncio.Event | None = None) -> RoundResult:
+async def deliver_until_idle(
+    db: sessionmaker[Session],
+    clock: Clock,
+    settings: OutboxSettings,
+    psa_for: PsaFor,
+    notify: Notify,
+    worker_id: str,
+    *,
+    delivered: Delivered,
+    connections: Iterable[str],
+    stop: asyncio.Event | None = None,
+) -> RoundResult:
     """Run rounds until nothing is due (or ``stop`` is set); adapters are kept open across rounds."""
+    names = list(connections)  # the enabled PSA connections: an adapter each, built before the first round
     total = RoundResult()
     adapters: dict[str, PsaAdapter] = {}
     try:
         while stop is None or not stop.is_set():
-            for connection in gateway.connections("psa"):
-                if connection.name not in adapters:
-                    adapters[connection.name] = gateway.build_adapter(connection)  # type: ignore[assignment]
-            result = await deliver_round(gateway, worker_id, adapters=adapters)
+            for name in names:
+                if name not in adapters:
+                    adapters[name] = psa_for(name)
+            result = await deliver_round(db, clock, settings, psa_for, notify, worker_id, delivered=delivered,
+                                         adapters=adapters)
             for name in ("claimed", "delivered", "already_present", "failed", "dead"):
                 setattr(total, name, getattr(total, name) + getattr(result, name))
             total.errors += result.errors

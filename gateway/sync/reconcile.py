@@ -23,22 +23,28 @@ reconciled (G5).
 A cycle that starts in the period may end after it (quarterly, yearly: S2), so
 the PSAs are read back up to the end of the longest such cycle; what they hold
 for other cycles in that stretch is ignored unless its key is unknown.
+
+It is handed what it uses: the session factory, the PSA connections, a builder
+of their adapters (``psa_for``) and the ``gateway_notify`` hook (``notify``,
+called once per difference).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
 
 import structlog
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.adapters import PsaAdapter, PsaRecord
-from gateway.app import Gateway
 from gateway.core.models import Bill, BillStatus, Customer, Delivery, DeliveryStatus, ExternalMapping, MappingKind
 from gateway.core.settings import ConnectionSettings
+from gateway.sync.ports import Notify
 
 log = structlog.get_logger(__name__)
 
@@ -76,7 +82,10 @@ def _money(value: Decimal) -> Decimal:
 
 
 async def reconcile(
-    gateway: Gateway,
+    db: sessionmaker[Session],
+    connections: Sequence[ConnectionSettings],
+    psa_for: Callable[[ConnectionSettings], PsaAdapter],
+    notify: Notify,
     period_start: date,
     period_end: date,
     *,
@@ -84,7 +93,7 @@ async def reconcile(
 ) -> ReconciliationReport:
     """Compare every PSA connection with the bills whose cycle starts in [period_start, period_end]."""
     report = ReconciliationReport(period_start, period_end)
-    with gateway.db() as session:
+    with db() as session:
         bills = session.execute(
             select(Bill, Customer.name)
             .join(Customer, Customer.id == Bill.customer_id)
@@ -99,12 +108,12 @@ async def reconcile(
     )
     read_until = max([period_end, *(bill.period_end for bill, _ in bills)])
 
-    for connection in gateway.connections("psa"):
+    for connection in connections:
         adapter = (adapters or {}).get(connection.name)
         owned = adapter is None
-        if owned:
+        if adapter is None:
             try:
-                adapter = gateway.build_adapter(connection)  # type: ignore[assignment]
+                adapter = psa_for(connection)
             except Exception as exc:  # one misconfigured PSA must not hide the others' results (G5)
                 _not_reconciled(report, connection, exc)
                 continue
@@ -131,8 +140,12 @@ async def reconcile(
             seen.add(delivery.key)
             copies = held.get(delivery.key, [])
 
-            def differ(kind: str, ours: object, theirs: object) -> None:
-                report.differences.append(Difference(connection.name, customer, delivery.key, kind, str(ours), str(theirs)))
+            # This delivery's connection, customer and key are bound as defaults: the closure is made once per loop pass.
+            def differ(
+                kind: str, ours: object, theirs: object, where: str = connection.name, customer: str = customer,
+                key: str = delivery.key,
+            ) -> None:
+                report.differences.append(Difference(where, customer, key, kind, str(ours), str(theirs)))
 
             if bill.status == BillStatus.VOID:
                 if copies:  # the customer is still billed in the PSA for a bill that was voided
@@ -158,7 +171,7 @@ async def reconcile(
                 differ("amount", _money(bill.total), _money(record.amount))
                 ok = False
             report.matched += ok
-        known = seen | _known_keys(gateway, [key for key in held if key not in seen])
+        known = seen | _known_keys(db, [key for key in held if key not in seen])
         for key, copies in held.items():
             if key not in known:
                 report.differences += [
@@ -167,9 +180,7 @@ async def reconcile(
                     for record in copies
                 ]
     for difference in report.differences:
-        await gateway.plugins.call_each_async(
-            "gateway_notify", event="reconciliation.difference", payload=difference.__dict__
-        )
+        await notify("reconciliation.difference", difference.__dict__)
     return report
 
 
@@ -192,10 +203,10 @@ def _not_reconciled(report: ReconciliationReport, connection: ConnectionSettings
     log.error("reconcile.connection_failed", connection=connection.name, error=reason)
 
 
-def _known_keys(gateway: Gateway, keys: list[str]) -> set[str]:
+def _known_keys(db: sessionmaker[Session], keys: list[str]) -> set[str]:
     """Those of ``keys`` that belong to a delivery of this gateway (any cycle)."""
     found: set[str] = set()
-    with gateway.db() as session:
+    with db() as session:
         for start in range(0, len(keys), 500):
             found.update(session.scalars(select(Delivery.key).where(Delivery.key.in_(keys[start : start + 500]))))
     return found

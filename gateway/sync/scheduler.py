@@ -6,14 +6,17 @@ job is logged once, backs off, and never stops another (G5). Jobs marked
 process that holds :class:`Leadership`: with PostgreSQL that is a session-level
 advisory lock held on a dedicated connection, so when the holder dies its
 connection drops, the lock is released, and another process takes over at its
-next attempt. Work that any process may do (pulls, outbox deliveries) is shared
-through row claims (``FOR UPDATE SKIP LOCKED``) in the jobs themselves.
+next attempt. Work that any process may do (outbox deliveries) is shared
+through row claims (``FOR UPDATE SKIP LOCKED``) in the jobs themselves; a job
+that must run in one process at a time but on any of them (a connection's
+pull) is wrapped in :func:`exclusive`, an advisory lock per job name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +111,21 @@ class Leadership(AdvisoryLock):
         super().release()
         if held:
             log.info("scheduler.leader_released")
+
+
+def exclusive(engine: Engine, name: str, run: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+    """Run ``run`` only if no other process is running the job of that name (an advisory lock per job)."""
+    lock = AdvisoryLock(engine, zlib.crc32(f"gateway-job:{name}".encode()))
+
+    async def guarded() -> Any:
+        if not await asyncio.to_thread(lock.try_acquire):
+            return "running elsewhere"
+        try:
+            return await run()
+        finally:
+            await asyncio.to_thread(lock.release)
+
+    return guarded
 
 
 @dataclass

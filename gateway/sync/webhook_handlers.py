@@ -12,7 +12,7 @@ Events in the Standard Webhooks payload shape ``{"type", "timestamp", "data"}``:
 
 A tool whose webhooks have another shape translates them in its own plugin's
 ``gateway_webhook_received`` and calls :func:`record_device_status` or
-:func:`mark_bill_paid` with ``event.session``.
+:func:`gateway.core.billing.lifecycle.mark_bill_paid` with ``event.session``.
 
 Decisions: an event about a device or invoice the gateway does not know is
 logged and ignored (the next pull brings the device; retrying would not help).
@@ -31,17 +31,19 @@ the same day cannot collide.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import structlog
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection, Table, bindparam, select
 from sqlalchemy.orm import Session
 
-from gateway.core.models import Bill, BillStatus, Customer, Delivery, Device, DeviceActivity, Workspace
+from gateway.core.billing.lifecycle import mark_bill_paid
+from gateway.core.models import Customer, Device, DeviceActivity, Workspace
 from gateway.hookspecs import hookimpl
-from gateway.sync.webhooks import DriverStatement, WebhookEvent, insert_new_only
+from gateway.sync.webhooks import DriverStatement, insert_new_only
+from gateway.webhook_contract import WebhookEvent
 
 log = structlog.get_logger(__name__)
 
@@ -104,6 +106,10 @@ def record_device_status(
     return device.id
 
 
+# Each model is mapped to a Table; a mapped class's __table__ is typed as any FromClause.
+_DEVICES = cast(Table, Device.__table__)
+_ACTIVITY = cast(Table, DeviceActivity.__table__)
+
 # Run on the driver (see DriverStatement): these run for every device event.
 _DEVICE_STATE = DriverStatement(
     select(
@@ -115,15 +121,15 @@ _DEVICE_STATE = DriverStatement(
     .where(Device.connection == bindparam("connection"), Device.external_id == bindparam("external_id"))
 )
 _SET_DEVICE_STATE = DriverStatement(
-    Device.__table__.update()
-    .where(Device.__table__.c.id == bindparam("device_id"))
+    _DEVICES.update()
+    .where(_DEVICES.c.id == bindparam("device_id"))
     .values(
         online=bindparam("new_online"),
         last_contact=bindparam("new_last_contact"),
         updated_at=bindparam("new_updated_at"),
     )
 )
-_ADD_ACTIVITY = insert_new_only(DeviceActivity.__table__)
+_ADD_ACTIVITY = insert_new_only(_ACTIVITY)
 
 
 def _core(session: Session) -> Connection:
@@ -135,29 +141,6 @@ def _core(session: Session) -> Connection:
     """
     bind = session.get_bind()
     return bind if isinstance(bind, Connection) and bind.in_transaction() else session.connection()
-
-
-def mark_bill_paid(session: Session, connection: str, invoice_external_id: str, *, paid_at: datetime) -> Bill | None:
-    """Mark the bill delivered to ``connection`` as ``invoice_external_id`` paid; None if unknown or void."""
-    delivery = session.scalars(
-        select(Delivery)
-        .where(Delivery.connection == connection, Delivery.external_id == invoice_external_id)
-        .order_by(Delivery.id)
-    ).first()
-    if delivery is None:
-        log.info("webhook.invoice_unknown", connection=connection, invoice=invoice_external_id)
-        return None
-    bill = session.get(Bill, delivery.bill_id)
-    if bill is None or bill.status == BillStatus.VOID:
-        log.warning(
-            "webhook.invoice_paid_ignored", connection=connection, invoice=invoice_external_id, reason="bill is void"
-        )
-        return None
-    if bill.status != BillStatus.PAID:
-        bill.status = BillStatus.PAID
-        bill.paid_at = paid_at
-        log.info("bill.paid", bill=bill.number, connection=connection, invoice=invoice_external_id)
-    return bill
 
 
 def _text(value: Any) -> str | None:
@@ -174,4 +157,4 @@ def _time(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         return None
-    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)

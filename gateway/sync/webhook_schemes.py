@@ -57,9 +57,6 @@ from functools import lru_cache
 
 from gateway.hookspecs import hookimpl
 from gateway.sync.webhooks import (
-    WebhookEvent,
-    WebhookScheme,
-    WebhookVerificationError,
     body_event_id,
     check_timestamp,
     ci_headers,
@@ -68,6 +65,7 @@ from gateway.sync.webhooks import (
     parse_json,
     valid_event_id,
 )
+from gateway.webhook_contract import WebhookEvent, WebhookScheme, WebhookVerificationError
 
 
 class StandardWebhooks:

@@ -81,34 +81,41 @@ import time
 from collections import namedtuple
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
 from weakref import WeakKeyDictionary
 
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from sqlalchemy import Executable, Table, bindparam, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import ClauseElement, Table, bindparam, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
 
+from gateway.core import store
 from gateway.core.models import ReceivedWebhook
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError
 from gateway.plugins import PluginFailure
+from gateway.webhook_contract import (
+    WebhookError,
+    WebhookEvent,
+    WebhookPayloadError,
+    WebhookScheme,
+    WebhookVerificationError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from sqlalchemy import Connection, Dialect
 
     from gateway.app import Gateway
     from gateway.core.settings import ConnectionSettings
-    from gateway.web.metrics import Metrics
+    from gateway.sync.ports import WebhookCounters
 
 log = structlog.get_logger(__name__)
 _stdlib_log = logging.getLogger(__name__)  # the level structlog filters by
 
-_RECEIVED = ReceivedWebhook.__table__
+_RECEIVED = cast(Table, ReceivedWebhook.__table__)  # a mapped class's __table__ is typed as any FromClause
 _SAVEPOINT = "SAVEPOINT gateway_webhook_handler"
 _ROLLBACK_TO_SAVEPOINT = "ROLLBACK TO SAVEPOINT gateway_webhook_handler"
 _RELEASE_SAVEPOINT = "RELEASE SAVEPOINT gateway_webhook_handler"
@@ -127,70 +134,6 @@ MAX_BATCH = 64
 PREVIOUS_SECRET_CREDENTIAL = "webhook_secret_previous"
 #: Request headers never handed to plugins (they carry credentials).
 PRIVATE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
-
-
-class WebhookError(GatewayError):
-    """A webhook was refused; ``status`` is the HTTP answer."""
-
-    status = 400
-
-
-class WebhookVerificationError(WebhookError):
-    """The signature, the credentials or the timestamp did not pass: answered 401, nothing stored."""
-
-    status = 401
-
-
-class WebhookPayloadError(WebhookError):
-    """The request is authentic but its body is not what the scheme needs: answered 400."""
-
-    status = 400
-
-
-@dataclass(frozen=True)
-class WebhookEvent:
-    """One verified webhook event, as schemes return it and handlers receive it.
-
-    ``timestamp`` is the sender's signed send time where the scheme has one.
-    The receiver fills ``headers`` (without credentials), ``scheme``,
-    ``received_at`` and ``session``: an ORM session in the open transaction,
-    which holds other events too. Handlers write through it and never commit it;
-    whatever a handler does with it, it cannot commit or roll back more than its
-    own work (see the module docstring).
-    """
-
-    id: str
-    payload: Any
-    timestamp: datetime | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-    scheme: str = ""
-    received_at: datetime | None = None
-    session: Session | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def type(self) -> str | None:
-        """The payload's ``type`` (Standard Webhooks convention), if it has one."""
-        value = self.payload.get("type") if isinstance(self.payload, dict) else None
-        return value if isinstance(value, str) else None
-
-
-@runtime_checkable
-class WebhookScheme(Protocol):
-    """How one kind of sender signs its webhooks (returned by ``gateway_webhook_schemes``).
-
-    ``verify`` checks ``raw_body`` (the exact bytes received) and ``headers``
-    (case-insensitive) against ``secret`` (the connection's plain secret) at
-    ``now`` (the injected clock). It compares in constant time, raises
-    :class:`WebhookVerificationError` when anything does not match or the
-    timestamp is more than 300 s away, :class:`WebhookPayloadError` when the
-    authentic body is unusable, and returns the event otherwise. It must not do
-    I/O. A scheme may also define ``validate_secret(secret)`` raising ValueError,
-    called at start-up so a malformed secret is a configuration error.
-    """
-
-    name: str
-
-    def verify(self, headers: Mapping[str, str], raw_body: bytes, secret: str, now: datetime) -> WebhookEvent: ...
 
 
 # --- helpers for schemes -------------------------------------------------------------
@@ -233,7 +176,7 @@ def check_timestamp(sent_at: int, now: datetime, header: str) -> datetime:
             f"{header} is {abs(skew)} s {direction}; only {TOLERANCE_SECONDS} s either way is accepted "
             "(check the sender's clock; a replayed request is refused)"
         )
-    return datetime.fromtimestamp(sent_at, tz=timezone.utc)
+    return datetime.fromtimestamp(sent_at, tz=UTC)
 
 
 def parse_json(raw_body: bytes) -> Any:
@@ -315,13 +258,14 @@ def build_endpoints(gateway: Gateway, schemes: Mapping[str, WebhookScheme]) -> d
                 f"installed (installed: {known})"
             )
         validate = getattr(scheme, "validate_secret", None)
-        for secret in secrets if callable(validate) else ():
-            try:
-                validate(secret)
-            except ValueError as exc:
-                raise ConfigError(
-                    f"config error in {where}: connection {connection.name!r}: webhook secret: {exc}"
-                ) from None
+        if callable(validate):
+            for secret in secrets:
+                try:
+                    validate(secret)
+                except ValueError as exc:
+                    raise ConfigError(
+                        f"config error in {where}: connection {connection.name!r}: webhook secret: {exc}"
+                    ) from None
         endpoints[connection.name] = WebhookEndpoint(connection.name, scheme_name, scheme, secrets)
     return endpoints
 
@@ -336,12 +280,12 @@ def _secrets_of(connection: ConnectionSettings) -> tuple[str, ...]:
 class WebhookReceiver:
     """Handles ``POST /webhooks/{connection}`` for one gateway."""
 
-    def __init__(self, gateway: Gateway, metrics: Metrics):
+    def __init__(self, gateway: Gateway, counters: WebhookCounters):
         self.gateway = gateway
-        self.metrics = metrics
+        self.counters = counters
         self.schemes = load_schemes(gateway.plugins)
         self.endpoints = build_endpoints(gateway, self.schemes)
-        _on_conflict_do_nothing(_RECEIVED, gateway.engine.dialect.name)  # another database: a start-up error
+        store.insert_ignore(_RECEIVED, gateway.engine.dialect.name)  # another database: a start-up error
         # Answered 503 (retry later): the database or its driver failed, not a handler.
         self._database_errors = (SQLAlchemyError, gateway.engine.dialect.loaded_dbapi.Error)
         self._pending: list[_Delivery] = []
@@ -384,11 +328,11 @@ class WebhookReceiver:
         try:
             event = self._verify(endpoint, request.headers, raw_body, now)
         except WebhookError as exc:
-            outcome = "unauthorized" if exc.status == 401 else "bad_request"
+            refused = "unauthorized" if exc.status == 401 else "bad_request"
             log.warning(
                 "webhook.refused", connection=name, scheme=endpoint.scheme_name, status=exc.status, reason=str(exc)
             )
-            return self._answer(name, outcome, exc.status, {"error": str(exc)}, started)
+            return self._answer(name, refused, exc.status, {"error": str(exc)}, started)
         decided = asyncio.get_running_loop().create_future()
         delivery = await self._deliver(
             _Delivery(name, event, _plugin_headers(request.headers), endpoint.scheme_name, now, decided)
@@ -501,6 +445,7 @@ class WebhookReceiver:
         receipts = {impl.plugin_name: handler_receipt(event.id, impl.plugin_name) for impl in impls} if several else {}
         done = self._handled_before(db, connection, list(receipts.values())) if several else set()
         driver = db.connection.driver_connection
+        assert driver is not None  # a live connection has its driver's connection
         succeeded: list[str] = []
         failed: list[str] = []
         for impl in impls:
@@ -554,13 +499,13 @@ class WebhookReceiver:
     def _report(self, connection: str, event: WebhookEvent, plugin: str, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}"
         self.gateway.plugins.failures.append(PluginFailure(plugin, f"gateway_webhook_received: {error}"))
-        self.metrics.webhook_handler_failed(connection, plugin)
+        self.counters.webhook_handler_failed(connection, plugin)
         log.error("webhook.handler_failed", connection=connection, event_id=event.id, plugin=plugin, error=error)
 
     def _answer(
         self, connection: str, outcome: str, status: int, body: dict[str, Any], started: float
     ) -> web.Response:
-        self.metrics.webhook(connection, outcome, time.perf_counter() - started)
+        self.counters.webhook(connection, outcome, time.perf_counter() - started)
         return web.json_response(body, status=status)
 
 
@@ -570,14 +515,14 @@ class DriverStatement:
     Through SQLAlchemy, executing a statement costs some 15 µs of bookkeeping (cache key, execution
     context, result object): more than SQLite needs to run these statements, and the receiver runs
     several per event. Values and results still go through their column types' conversions, so what is
-    written and read is what SQLAlchemy would write and read (``gateway.core.bills`` takes the driver
+    written and read is what SQLAlchemy would write and read (``gateway.core.store`` takes the driver
     route for bulk rows for the same reason). No SQLAlchemy events fire, and errors are the driver's own.
 
     ``statement`` is a Core statement whose every bind parameter is given by name on each call, or a
     function of the dialect name that returns one (for dialect-specific constructs such as ON CONFLICT).
     """
 
-    def __init__(self, statement: Executable | Callable[[str], Executable]):
+    def __init__(self, statement: ClauseElement | Callable[[str], ClauseElement]):
         self._statement = statement
         self._compiled: WeakKeyDictionary[Dialect, _CompiledStatement] = WeakKeyDictionary()
 
@@ -595,17 +540,20 @@ class DriverStatement:
         if not db.in_transaction():  # SQLAlchemy would not commit what the driver wrote
             raise ValueError("DriverStatement runs in a transaction: call db.begin() first")
         compiled = self._compiled.get(db.dialect) or self._compile(db.dialect)
-        return compiled, db.connection.driver_connection.execute(compiled.sql, compiled.parameters(params))
+        driver = db.connection.driver_connection
+        assert driver is not None  # a live connection has its driver's connection
+        return compiled, driver.execute(compiled.sql, compiled.parameters(params))
 
     def _compile(self, dialect: Dialect) -> _CompiledStatement:
-        statement = self._statement if isinstance(self._statement, Executable) else self._statement(dialect.name)
+        statement = self._statement if isinstance(self._statement, ClauseElement) else self._statement(dialect.name)
         compiled = self._compiled[dialect] = _CompiledStatement(statement, dialect)
         return compiled
 
 
 class _CompiledStatement:
-    def __init__(self, statement: Executable, dialect: Dialect):
+    def __init__(self, statement: ClauseElement, dialect: Dialect):
         compiled = statement.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)  # a SELECT, INSERT or UPDATE, never DDL
         if compiled.escaped_bind_names:
             raise ValueError("DriverStatement needs plain bind parameter names")
         self.sql = compiled.string
@@ -617,7 +565,10 @@ class _CompiledStatement:
         }
         columns = list(getattr(statement, "selected_columns", ()))
         self._results = [column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns]
-        self._row = namedtuple("Row", [column.key for column in columns], rename=True) if columns else None
+        # A named tuple of this statement's columns: a class made at run time, so typed as any class.
+        self._row: type[Any] | None = (
+            namedtuple("Row", [column.key for column in columns], rename=True) if columns else None
+        )
 
     def parameters(self, params: Mapping[str, Any]) -> Any:
         convert = self._convert
@@ -628,21 +579,13 @@ class _CompiledStatement:
     def row(self, values: Any) -> Any:
         assert self._row is not None
         return self._row._make(
-            value if process is None else process(value) for process, value in zip(self._results, values)
+            value if process is None else process(value) for process, value in zip(self._results, values, strict=True)
         )
 
 
 def insert_new_only(table: Table) -> DriverStatement:
     """``INSERT`` of every column that skips a row whose key exists: no read first, and no race between two writers."""
-    return DriverStatement(lambda dialect_name: _on_conflict_do_nothing(table, dialect_name))
-
-
-def _on_conflict_do_nothing(table: Table, dialect_name: str) -> Executable:
-    if dialect_name == "sqlite":
-        return sqlite_insert(table).on_conflict_do_nothing()
-    if dialect_name == "postgresql":
-        return postgresql_insert(table).on_conflict_do_nothing()
-    raise ConfigError(f"the webhook receiver supports SQLite and PostgreSQL, not {dialect_name!r}")
+    return DriverStatement(lambda dialect_name: store.insert_ignore(table, dialect_name))
 
 
 _RECORD = insert_new_only(_RECEIVED)
@@ -711,11 +654,9 @@ def _plugin_headers(headers: Mapping[str, str]) -> dict[str, str]:
 WEBHOOK_RECEIVER = web.AppKey("webhook_receiver", WebhookReceiver)
 
 
-def add_webhook_routes(app: web.Application, gateway: Gateway) -> WebhookReceiver:
+def add_webhook_routes(app: web.Application, gateway: Gateway, counters: WebhookCounters) -> WebhookReceiver:
     """Mount ``POST /webhooks/{connection}`` on ``app``; settings errors raise ConfigError now, not per request."""
-    from gateway.web.metrics import get_metrics
-
-    receiver = WebhookReceiver(gateway, get_metrics(gateway))
+    receiver = WebhookReceiver(gateway, counters)
     app[WEBHOOK_RECEIVER] = receiver
     app.router.add_post("/webhooks/{connection}", receiver.handle)
     return receiver
@@ -726,12 +667,7 @@ __all__ = [
     "MAX_BODY_BYTES",
     "TOLERANCE_SECONDS",
     "WebhookEndpoint",
-    "WebhookError",
-    "WebhookEvent",
-    "WebhookPayloadError",
     "WebhookReceiver",
-    "WebhookScheme",
-    "WebhookVerificationError",
     "add_webhook_routes",
     "body_event_id",
     "check_timestamp",

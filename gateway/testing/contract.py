@@ -20,7 +20,7 @@ How it works: the kit finds the kind through the plugin manager (so the tests al
 the plugin is registered), builds the simulator with the spec's ``simulator`` factory,
 serves it on 127.0.0.1, and puts a :class:`~gateway.testing.proxy.FaultProxy` in front
 of it. Adapters are built with the spec's ``factory`` and a ``[[connections]]``-style
-:class:`~gateway.core.settings.ConnectionSettings` whose ``base_url`` is the proxy. Faults
+:class:`~gateway.ConnectionSettings` whose ``base_url`` is the proxy. Faults
 (429, 5xx, 4xx, dropped connections, lost answers, expired tokens) are injected by the
 proxy, so a simulator needs no fault support of its own to be tested here.
 
@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from gateway.adapters import (
@@ -148,7 +149,7 @@ class AdapterContract:
                 name=self.connection_name,
                 plugin=self.kind,
                 base_url=base_url,
-                credentials=dict(self.credentials),
+                credentials={key: SecretStr(value) for key, value in self.credentials.items()},
                 options={**adapter_spec.default_options, **self.options},
             )
             return adapter_spec.factory(settings, AdapterContext(clock=gateway_clock))

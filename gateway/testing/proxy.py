@@ -13,7 +13,7 @@ can instead, per planned fault:
 - reject bearer tokens it saw before ``faults.expire_tokens()`` with 401, as a tool does
   when a token's lifetime ends, so an OAuth2 adapter has to fetch a new one.
 
-Faults are planned on a :class:`gateway.testing.simkit.Faults` (the same calls as the
+Faults are planned on a :class:`gateway.simulators.Faults` (the same calls as the
 bundled simulators'), plus :meth:`FaultProxy.lose_responses`. Every request is recorded
 in :attr:`FaultProxy.seen`, so a test can count what was sent and what came back.
 """
@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway.testing.simkit import Faults
+from gateway.simulators import Faults
 
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "trailer", "content-length"}
@@ -69,7 +69,7 @@ class FaultProxy:
         self.app.router.add_route("*", "/{tail:.*}", self._handle)
         self.app.on_cleanup.append(self._close)
 
-    def lose_responses(self, times: int = 1, *, method: str = "POST", path: str | None = None) -> "FaultProxy":
+    def lose_responses(self, times: int = 1, *, method: str = "POST", path: str | None = None) -> FaultProxy:
         """The next ``times`` ``method`` requests (whose path matches the regex ``path``, if given)
         reach the tool, but their answers never arrive."""
         pattern = re.compile(path) if path else None

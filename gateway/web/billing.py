@@ -1,7 +1,7 @@
 """Billing as JSON resources under ``/api/v1/``: plans, associations, bills, adjustments, runs, monthly billing.
 
-Every handler is a thin shell over :mod:`gateway.core.bills`, the functions the
-CLI calls, with the caller's principal. S8: a customer admin reads the plans,
+Every handler is a thin shell over the use cases of :mod:`gateway.core.billing`, the
+functions the CLI calls, with the caller's principal. S8: a customer admin reads the plans,
 associations, bills, documents and adjustments of their own customers; every
 other id, and every change, answers 404 as if it did not exist. Runs bill the
 caller's partner only; the bills they issue are e-mailed by the scheduler's
@@ -18,11 +18,13 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from gateway.core import billing as rules
-from gateway.core import bills as svc
-from gateway.core import documents
+from gateway.core import store
 from gateway.core.access import require_admin
-from gateway.core.billing import BillDraft
+from gateway.core.billing import associations, lifecycle, reports, rules, subscriptions
+from gateway.core.billing import plans as billing_plans
+from gateway.core.billing import run as billing_run
+from gateway.core.billing.documents import csv as csv_docs
+from gateway.core.billing.drafts import BillDraft
 from gateway.core.models import (
     Adjustment,
     Bill,
@@ -36,6 +38,7 @@ from gateway.core.models import (
     ServicePlan,
 )
 from gateway.errors import NotFound
+from gateway.sync.jobs import bill_built_lines
 from gateway.web.api import Body, Routes, gateway_of, in_db, principal_of, read_body, read_query, respond
 from gateway.web.openapi import Download
 from gateway.web.pagination import Page, PageParams, page
@@ -315,8 +318,8 @@ def _plain(value: Decimal) -> Decimal:
 
 
 def _plan(session: Session, plan: ServicePlan) -> dict[str, Any]:
-    prices = [{"effective_from": None if p.effective_from == svc.SINCE_ALWAYS else p.effective_from,
-               "price_per_device": p.price} for p in svc.plan_prices(session, plan.id)]
+    prices = [{"effective_from": None if p.effective_from == billing_plans.SINCE_ALWAYS else p.effective_from,
+               "price_per_device": p.price} for p in billing_plans.plan_prices(session, plan.id)]
     return {"id": plan.id, "name": plan.name, "price_per_device": plan.price_per_device, "currency": plan.currency,
             "created_at": plan.created_at, "archived_at": plan.archived_at, "prices": prices}
 
@@ -358,7 +361,7 @@ def _subscription(sub: MonthlySubscription) -> dict[str, Any]:
             "cancelled_at": sub.cancelled_at}
 
 
-def _cancellation(plan: svc.CancellationPlan) -> dict[str, Any]:
+def _cancellation(plan: subscriptions.CancellationPlan) -> dict[str, Any]:
     return {"offered_end_dates": plan.offered_end_dates, "ends_on": plan.ends_on, "confirmed": plan.confirmed,
             "workspaces": [vars(w) for w in plan.workspaces]}
 
@@ -384,8 +387,8 @@ async def list_plans(request: web.Request) -> web.Response:
     principal = principal_of(request)
 
     def work(session: Session) -> tuple[list[dict[str, Any]], int]:
-        plans, total = svc.paged(session, svc.plans_select(principal, include_archived=params.include_archived),
-                                 limit=params.limit, offset=params.offset)
+        stmt = billing_plans.plans_select(principal, include_archived=params.include_archived)
+        plans, total = store.paged(session, stmt, limit=params.limit, offset=params.offset)
         return [_plan(session, p) for p in plans], total
 
     items, total = await in_db(request, work)
@@ -399,8 +402,8 @@ async def create_plan(request: web.Request) -> web.Response:
     gw, principal = gateway_of(request), principal_of(request)
 
     def work(session: Session) -> dict[str, Any]:
-        plan = svc.create_plan(session, principal, name=body.name, price_per_device=body.price_per_device,
-                               currency=body.currency, now=gw.clock.now())
+        plan = billing_plans.create_plan(session, principal, name=body.name, price_per_device=body.price_per_device,
+                                         currency=body.currency, now=gw.clock.now())
         return _plan(session, plan)
 
     return respond(PlanOut, await in_db(request, work), status=201)
@@ -409,7 +412,7 @@ async def create_plan(request: web.Request) -> web.Response:
 @routes.get("/plans/{plan_id}", summary="one plan and its price history", response=PlanOut)
 async def get_plan(request: web.Request) -> web.Response:
     principal, plan_id = principal_of(request), _int_path(request, "plan_id")
-    return respond(PlanOut, await in_db(request, lambda s: _plan(s, svc.get_plan(s, principal, plan_id))))
+    return respond(PlanOut, await in_db(request, lambda s: _plan(s, billing_plans.get_plan(s, principal, plan_id))))
 
 
 @routes.post("/plans/{plan_id}/prices", summary="change the price from a day on, prorated by days (S7)",
@@ -420,8 +423,8 @@ async def change_price(request: web.Request) -> web.Response:
 
     def work(session: Session) -> dict[str, Any]:
         now = gw.clock.now()
-        plan = svc.change_price(session, principal, plan_id, price_per_device=body.price_per_device,
-                                effective_from=body.effective_from or now.date(), now=now)
+        plan = billing_plans.change_price(session, principal, plan_id, price_per_device=body.price_per_device,
+                                          effective_from=body.effective_from or now.date(), now=now)
         return _plan(session, plan)
 
     return respond(PlanOut, await in_db(request, work))
@@ -432,7 +435,7 @@ async def archive_plan(request: web.Request) -> web.Response:
     gw, principal, plan_id = gateway_of(request), principal_of(request), _int_path(request, "plan_id")
 
     def work(session: Session) -> dict[str, Any]:
-        return _plan(session, svc.archive_plan(session, principal, plan_id, now=gw.clock.now()))
+        return _plan(session, billing_plans.archive_plan(session, principal, plan_id, now=gw.clock.now()))
 
     return respond(PlanOut, await in_db(request, work))
 
@@ -444,7 +447,8 @@ async def dissociate(request: web.Request) -> web.Response:
     gw, principal, plan_id = gateway_of(request), principal_of(request), _int_path(request, "plan_id")
 
     def work(session: Session) -> dict[str, Any]:
-        ended = svc.dissociate(session, principal, plan_id=plan_id, customer_ids=body.customer_ids, now=gw.clock.now())
+        ended = associations.dissociate(session, principal, plan_id=plan_id, customer_ids=body.customer_ids,
+                                        now=gw.clock.now())
         return {"items": [_association(a) for a in ended]}
 
     return respond(AssociationsOut, await in_db(request, work))
@@ -460,8 +464,8 @@ async def list_associations(request: web.Request) -> web.Response:
     principal = principal_of(request)
 
     def work(session: Session) -> tuple[list[dict[str, Any]], int]:
-        stmt = svc.associations_select(principal, plan_id=params.plan_id, customer_id=params.customer_id)
-        rows, total = svc.paged(session, stmt, limit=params.limit, offset=params.offset)
+        stmt = associations.associations_select(principal, plan_id=params.plan_id, customer_id=params.customer_id)
+        rows, total = store.paged(session, stmt, limit=params.limit, offset=params.offset)
         return [_association(a) for a in rows], total
 
     items, total = await in_db(request, work)
@@ -476,9 +480,9 @@ async def associate(request: web.Request) -> web.Response:
 
     def work(session: Session) -> dict[str, Any]:
         due_days = body.due_days if body.due_days is not None else gw.settings.billing.default_due_days
-        created = svc.associate(session, principal, plan_id=body.plan_id, customer_ids=body.customer_ids,
-                                cycle=body.cycle, starts_on=body.starts_on, due_days=due_days, email=body.email,
-                                mail=gw.settings.mail, now=gw.clock.now())
+        created = associations.associate(session, principal, plan_id=body.plan_id, customer_ids=body.customer_ids,
+                                         cycle=body.cycle, starts_on=body.starts_on, due_days=due_days,
+                                         email=body.email, mail=gw.settings.mail, now=gw.clock.now())
         return {"items": [_association(a) for a in created]}
 
     return respond(AssociationsOut, await in_db(request, work), status=201)
@@ -488,7 +492,8 @@ async def associate(request: web.Request) -> web.Response:
 async def get_association(request: web.Request) -> web.Response:
     principal, association_id = principal_of(request), _int_path(request, "association_id")
     return respond(AssociationOut,
-                   await in_db(request, lambda s: _association(svc.get_association(s, principal, association_id))))
+                   await in_db(request,
+                               lambda s: _association(associations.get_association(s, principal, association_id))))
 
 
 # --- bills (S3, S5) ---------------------------------------------------------------------------------------
@@ -500,8 +505,8 @@ async def list_bills(request: web.Request) -> web.Response:
     principal = principal_of(request)
 
     def work(session: Session) -> tuple[list[dict[str, Any]], int]:
-        stmt = svc.bills_select(principal, customer_id=params.customer_id, status=params.status, kind=params.kind)
-        rows, total = svc.paged(session, stmt, limit=params.limit, offset=params.offset)
+        stmt = lifecycle.bills_select(principal, customer_id=params.customer_id, status=params.status, kind=params.kind)
+        rows, total = store.paged(session, stmt, limit=params.limit, offset=params.offset)
         return [_bill(b) for b in rows], total
 
     items, total = await in_db(request, work)
@@ -511,7 +516,7 @@ async def list_bills(request: web.Request) -> web.Response:
 @routes.get("/bills/{bill_id}", summary="one bill with its lines (S3)", response=BillOut)
 async def get_bill(request: web.Request) -> web.Response:
     principal, bill_id = principal_of(request), _int_path(request, "bill_id")
-    return respond(BillOut, await in_db(request, lambda s: _bill(svc.get_bill(s, principal, bill_id))))
+    return respond(BillOut, await in_db(request, lambda s: _bill(lifecycle.get_bill(s, principal, bill_id))))
 
 
 @routes.get("/bills/{bill_id}/document", summary="the bill as CSV or PDF (S5)", query=DocumentQuery,
@@ -521,11 +526,13 @@ async def bill_document(request: web.Request) -> web.Response:
     principal, bill_id = principal_of(request), _int_path(request, "bill_id")
 
     def work(session: Session) -> tuple[bytes, str]:
-        bill = svc.get_bill(session, principal, bill_id)
+        bill = lifecycle.get_bill(session, principal, bill_id)
         customer = session.get_one(Customer, bill.customer_id)
         if params.format == "csv":
-            return documents.bill_csv(bill, customer), bill.number
-        return documents.bill_pdf(bill, customer, session.get_one(Partner, bill.partner_id)), bill.number
+            return csv_docs.bill_csv(bill, customer), bill.number
+        from gateway.core.billing.documents import pdf as pdf_docs  # fpdf2 loads with the first PDF, not at start-up
+
+        return pdf_docs.bill_pdf(bill, customer, session.get_one(Partner, bill.partner_id)), bill.number
 
     data, number = await in_db(request, work)
     return _file(data, CSV if params.format == "csv" else PDF, f"{number}.{params.format}")
@@ -538,10 +545,12 @@ async def consolidated_bill(request: web.Request) -> web.Response:
     principal, customer_id = principal_of(request), _int_path(request, "customer_id")
 
     def work(session: Session) -> bytes:
-        customer, bills = svc.customer_bills(session, principal, customer_id)
+        customer, bills = lifecycle.customer_bills(session, principal, customer_id)
         if params.format == "csv":
-            return documents.consolidated_csv(customer, bills)
-        return documents.consolidated_pdf(customer, session.get_one(Partner, principal.partner_id), bills)
+            return csv_docs.consolidated_csv(customer, bills)
+        from gateway.core.billing.documents import pdf as pdf_docs  # fpdf2 loads with the first PDF, not at start-up
+
+        return pdf_docs.consolidated_pdf(customer, session.get_one(Partner, principal.partner_id), bills)
 
     data = await in_db(request, work)
     return _file(data, CSV if params.format == "csv" else PDF, f"bills-customer-{customer_id}.{params.format}")
@@ -553,24 +562,24 @@ async def _bill_change(request: web.Request, change: Any) -> web.Response:
     def work(session: Session) -> dict[str, Any]:
         changed = change(session, principal, bill_id, now=gw.clock.now())
         session.flush()
-        return _bill(svc.get_bill(session, principal, changed.id))
+        return _bill(lifecycle.get_bill(session, principal, changed.id))
 
     return respond(BillOut, await in_db(request, work))
 
 
 @routes.post("/bills/{bill_id}/paid", summary="mark paid; a paid bill never changes again (S3)", response=BillOut)
 async def mark_paid(request: web.Request) -> web.Response:
-    return await _bill_change(request, svc.mark_paid)
+    return await _bill_change(request, lifecycle.mark_paid)
 
 
 @routes.post("/bills/{bill_id}/void", summary="void an unpaid bill; its number is not reused", response=BillOut)
 async def void_bill(request: web.Request) -> web.Response:
-    return await _bill_change(request, svc.void_bill)
+    return await _bill_change(request, lifecycle.void_bill)
 
 
 @routes.post("/bills/{bill_id}/finalize", summary="issue a draft and queue it for the PSAs (G2)", response=BillOut)
 async def finalize_bill(request: web.Request) -> web.Response:
-    return await _bill_change(request, svc.finalize_bill)
+    return await _bill_change(request, lifecycle.finalize_bill)
 
 
 @routes.post("/bills/{bill_id}/credit", summary="correct a bill with a credit on the customer's next bill",
@@ -580,8 +589,8 @@ async def credit_bill(request: web.Request) -> web.Response:
     gw, principal, bill_id = gateway_of(request), principal_of(request), _int_path(request, "bill_id")
 
     def work(session: Session) -> dict[str, Any]:
-        return _adjustment(svc.credit_bill(session, principal, bill_id, amount=body.amount, reason=body.reason,
-                                           now=gw.clock.now()))
+        return _adjustment(lifecycle.credit_bill(session, principal, bill_id, amount=body.amount, reason=body.reason,
+                                                 now=gw.clock.now()))
 
     return respond(AdjustmentOut, await in_db(request, work), status=201)
 
@@ -596,8 +605,8 @@ async def list_adjustments(request: web.Request) -> web.Response:
     principal = principal_of(request)
 
     def work(session: Session) -> tuple[list[dict[str, Any]], int]:
-        stmt = svc.adjustments_select(principal, customer_id=params.customer_id, pending=params.pending)
-        rows, total = svc.paged(session, stmt, limit=params.limit, offset=params.offset)
+        stmt = lifecycle.adjustments_select(principal, customer_id=params.customer_id, pending=params.pending)
+        rows, total = store.paged(session, stmt, limit=params.limit, offset=params.offset)
         return [_adjustment(a) for a in rows], total
 
     items, total = await in_db(request, work)
@@ -611,9 +620,9 @@ async def add_adjustment(request: web.Request) -> web.Response:
     gw, principal = gateway_of(request), principal_of(request)
 
     def work(session: Session) -> dict[str, Any]:
-        return _adjustment(svc.add_adjustment(session, principal, customer_id=body.customer_id, kind=body.kind,
-                                              description=body.description, amount=body.amount,
-                                              currency=body.currency, now=gw.clock.now()))
+        return _adjustment(lifecycle.add_adjustment(session, principal, customer_id=body.customer_id, kind=body.kind,
+                                                    description=body.description, amount=body.amount,
+                                                    currency=body.currency, now=gw.clock.now()))
 
     return respond(AdjustmentOut, await in_db(request, work), status=201)
 
@@ -632,9 +641,10 @@ async def run_billing(request: web.Request) -> web.Response:
         period = rules.parse_month(body.period) if body.period else None
         now = gw.clock.now()
         if not body.dry_run:
-            svc.mark_overdue(session, now=now, partner_id=principal.partner_id)
-        run = svc.run_billing(session, now=now, billing=gw.settings.billing, plugins=gw.plugins, period=period,
-                              dry_run=body.dry_run, issue=not body.draft, partner_id=principal.partner_id)
+            lifecycle.mark_overdue(session, now=now, partner_id=principal.partner_id)
+        run = billing_run.run_billing(session, now=now, billing=gw.settings.billing,
+                                      extra_lines=bill_built_lines(gw.plugins), period=period, dry_run=body.dry_run,
+                                      issue=not body.draft, partner_id=principal.partner_id)
         return {"dry_run": run.dry_run, "bills": [_draft(d) for d in run.drafts], "bill_ids": run.bill_ids,
                 "already_billed": run.already_billed}
 
@@ -648,7 +658,8 @@ async def run_billing(request: web.Request) -> web.Response:
             response=SubscriptionOut)
 async def get_subscription(request: web.Request) -> web.Response:
     principal = principal_of(request)
-    return respond(SubscriptionOut, await in_db(request, lambda s: _subscription(svc.get_subscription(s, principal))))
+    return respond(SubscriptionOut,
+                   await in_db(request, lambda s: _subscription(subscriptions.get_subscription(s, principal))))
 
 
 @routes.post("/billing/monthly", summary="enable monthly billing with the activation payment (M1, M2)",
@@ -658,10 +669,11 @@ async def enable_monthly(request: web.Request) -> web.Response:
     gw, principal = gateway_of(request), principal_of(request)
 
     def work(session: Session) -> dict[str, Any]:
-        sub, bill = svc.enable_monthly(session, principal, settings=gw.settings.billing, now=gw.clock.now(),
-                                       tz=body.timezone, plugins=gw.plugins)
+        sub, bill = subscriptions.enable_monthly(session, principal, settings=gw.settings.billing, now=gw.clock.now(),
+                                                 tz=body.timezone, extra_lines=bill_built_lines(gw.plugins))
         session.flush()
-        return {"subscription": _subscription(sub), "activation_bill": _bill(svc.get_bill(session, principal, bill.id))}
+        return {"subscription": _subscription(sub),
+                "activation_bill": _bill(lifecycle.get_bill(session, principal, bill.id))}
 
     return respond(EnableOut, await in_db(request, work), status=201)
 
@@ -673,8 +685,8 @@ async def cancel_monthly(request: web.Request) -> web.Response:
     gw, principal = gateway_of(request), principal_of(request)
 
     def work(session: Session) -> dict[str, Any]:
-        return _cancellation(svc.cancel_monthly(session, principal, now=gw.clock.now(), ends_on=body.ends_on,
-                                                confirm=body.confirm))
+        return _cancellation(subscriptions.cancel_monthly(session, principal, now=gw.clock.now(), ends_on=body.ends_on,
+                                                          confirm=body.confirm))
 
     return respond(CancellationOut, await in_db(request, work))
 
@@ -684,7 +696,7 @@ async def cancel_monthly(request: web.Request) -> web.Response:
 async def reactivate_monthly(request: web.Request) -> web.Response:
     gw, principal = gateway_of(request), principal_of(request)
     return respond(SubscriptionOut, await in_db(
-        request, lambda s: _subscription(svc.reactivate_monthly(s, principal, now=gw.clock.now()))))
+        request, lambda s: _subscription(subscriptions.reactivate_monthly(s, principal, now=gw.clock.now()))))
 
 
 @routes.post("/billing/monthly/workspaces", summary="put a workspace on monthly billing (M2)", body=JoinBody,
@@ -694,8 +706,9 @@ async def join_monthly(request: web.Request) -> web.Response:
     gw, principal = gateway_of(request), principal_of(request)
 
     def work(session: Session) -> dict[str, Any]:
-        workspace = svc.join_monthly(session, principal, workspace_id=body.workspace_id, max_devices=body.max_devices,
-                                     edition_id=body.edition_id, now=gw.clock.now())
+        workspace = subscriptions.join_monthly(session, principal, workspace_id=body.workspace_id,
+                                               max_devices=body.max_devices, edition_id=body.edition_id,
+                                               now=gw.clock.now())
         return {"workspace_id": workspace.id, "name": workspace.name,
                 "monthly_billing_since": workspace.monthly_billing_since, "max_devices": workspace.max_devices,
                 "edition_id": workspace.edition_id}
@@ -708,7 +721,7 @@ async def join_monthly(request: web.Request) -> web.Response:
 async def billing_history(request: web.Request) -> web.Response:
     principal = principal_of(request)
     return respond(HistoryOut,
-                   await in_db(request, lambda s: {"items": [vars(e) for e in svc.billing_history(s, principal)]}))
+                   await in_db(request, lambda s: {"items": [vars(e) for e in reports.billing_history(s, principal)]}))
 
 
 @routes.get("/billing/usage", summary="a month's device usage report as CSV, one row per billed device (M7)",
@@ -717,5 +730,5 @@ async def usage_report(request: web.Request) -> web.Response:
     params = read_query(request, UsageQuery)
     principal = principal_of(request)
     month = rules.parse_month(params.period)
-    data = await in_db(request, lambda s: documents.usage_csv(svc.usage_rows(s, principal, month)))
+    data = await in_db(request, lambda s: csv_docs.usage_csv(reports.usage_rows(s, principal, month)))
     return _file(data, CSV, f"usage-{params.period}.csv")

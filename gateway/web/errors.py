@@ -55,8 +55,8 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 
 def _validation_problem(exc: ValidationError) -> web.Response:
     errors = exc.errors(include_input=False, include_url=False)
-    first = errors[0] if errors else {}
-    field = ".".join(str(part) for part in first.get("loc", ())) or None
+    first_loc = errors[0].get("loc", ()) if errors else ()
+    field = ".".join(str(part) for part in first_loc) or None
     parts = []
     for error in errors:
         loc = ".".join(str(part) for part in error.get("loc", ()))

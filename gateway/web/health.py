@@ -7,7 +7,10 @@
   connection's sync state from :class:`ConnectionState`. **Decision:** a failing
   connection does not make the gateway unready: the tool is down, not the
   gateway, and taking the gateway out of a load balancer would stop every other
-  connection's webhooks too (G5).
+  connection's webhooks too (G5). In the daemon the body also has each job's
+  state: the daemon puts its scheduler under :data:`SCHEDULER_KEY` in
+  ``gateway.stash``, typed as the one method read here (:class:`JobsStatus`),
+  so this module knows nothing of the scheduler.
 - ``GET /metrics``: Prometheus text from the gateway's own registry
   (:mod:`gateway.web.metrics`).
 
@@ -17,7 +20,7 @@ Database work runs in a worker thread so a slow database never blocks the event 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -27,10 +30,21 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.core import db as gdb
 from gateway.core.models import ConnectionState
 from gateway.errors import DatabaseError
+from gateway.stash import StashKey
 from gateway.web.metrics import get_metrics
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from gateway.app import Gateway
+
+
+class JobsStatus(Protocol):
+    """What /readyz reads of the daemon's scheduler."""
+
+    def status(self) -> dict[str, dict[str, Any]]: ...
+
+
+#: The daemon's scheduler in ``gateway.stash`` (set by :func:`gateway.daemon.build_daemon_app`).
+SCHEDULER_KEY = StashKey[JobsStatus]("scheduler")
 
 
 def readiness(gateway: Gateway) -> tuple[bool, dict[str, Any]]:
@@ -54,7 +68,7 @@ def readiness(gateway: Gateway) -> tuple[bool, dict[str, Any]]:
             database = {"status": "error", "error": f"cannot read connection state: {type(exc).__name__}"}
     connections = [_connection_state(c.name, states.get(c.name)) for c in gateway.settings.connections if c.enabled]
     body = {"status": "ready" if ready else "not_ready", "database": database, "connections": connections}
-    scheduler = gateway.extras.get("scheduler")  # set by the daemon (gateway.daemon.SCHEDULER_EXTRA)
+    scheduler = gateway.stash.get(SCHEDULER_KEY, None)
     if scheduler is not None:
         body["jobs"] = scheduler.status()
     return ready, body

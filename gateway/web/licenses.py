@@ -16,9 +16,17 @@ from aiohttp import web
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy.orm import Session
 
-from gateway.core import licensing as lic
 from gateway.core.access import require_admin
-from gateway.core.licensing import DeleteMode, LicenseStatus
+from gateway.core.licensing import assignment, history, orders, pool, purchase, queries, renewal
+from gateway.core.licensing.rules import (
+    MAX_BULK_KEYS,
+    MAX_NOTES,
+    MAX_RENEWAL_YEARS,
+    MAX_SEATS,
+    MAX_TERM_MONTHS,
+    DeleteMode,
+    LicenseStatus,
+)
 from gateway.core.models import OrderKind, PoolMode
 from gateway.errors import NotFound
 from gateway.web.api import Body, Routes, gateway_of, in_db, principal_of, read_body, read_query, respond
@@ -148,20 +156,20 @@ class OrderQuery(PageParams):
 
 class BuyBody(Body):
     edition: str = Field(min_length=1, max_length=64)
-    seats: int = Field(ge=1, le=lic.MAX_SEATS)
-    term_months: int = Field(default=12, ge=1, le=lic.MAX_TERM_MONTHS)
-    notes: str = Field(default="", max_length=lic.MAX_NOTES)
+    seats: int = Field(ge=1, le=MAX_SEATS)
+    term_months: int = Field(default=12, ge=1, le=MAX_TERM_MONTHS)
+    notes: str = Field(default="", max_length=MAX_NOTES)
 
 
 class BulkBuyBody(Body):
     edition: str = Field(min_length=1, max_length=64)
-    customers: int = Field(ge=1, le=lic.MAX_BULK_KEYS)
-    devices_per_customer: int = Field(ge=1, le=lic.MAX_SEATS)
-    term_months: int = Field(default=12, ge=1, le=lic.MAX_TERM_MONTHS)
+    customers: int = Field(ge=1, le=MAX_BULK_KEYS)
+    devices_per_customer: int = Field(ge=1, le=MAX_SEATS)
+    term_months: int = Field(default=12, ge=1, le=MAX_TERM_MONTHS)
 
 
 class LicensePatch(Body):
-    notes: str | None = Field(default=None, max_length=lic.MAX_NOTES)
+    notes: str | None = Field(default=None, max_length=MAX_NOTES)
     auto_renew: bool | None = None
 
     @model_validator(mode="after")
@@ -176,7 +184,7 @@ class AssignBody(Body):
 
 
 class RenewBody(Body):
-    years: int | None = Field(default=None, ge=1, le=lic.MAX_RENEWAL_YEARS)
+    years: int | None = Field(default=None, ge=1, le=MAX_RENEWAL_YEARS)
     coupon: bool = Field(default=False, description="renew by consuming an unused key (L8) instead of by years")
     edition: str | None = Field(default=None, min_length=1, max_length=64,
                                 description="migrate to this edition with the renewal (L9)")
@@ -214,12 +222,12 @@ class UserAllocationBody(Body):
 def _license_dicts(request: web.Request, session: Session, licenses: list[Any]) -> list[dict[str, Any]]:
     gw = gateway_of(request)
     now = gw.clock.now()
-    return [info.to_dict(now, gw.settings.licensing) for info in lic.infos_for(session, licenses)]
+    return [info.to_dict(now, gw.settings.licensing) for info in queries.infos_for(session, licenses)]
 
 
 def _order_dict(request: web.Request, session: Session, order: Any) -> dict[str, Any]:
     gw = gateway_of(request)
-    return lic.get_order(session, gw.clock, gw.settings.licensing, principal_of(request), order.id).to_dict()
+    return orders.get_order(session, gw.clock, gw.settings.licensing, principal_of(request), order.id).to_dict()
 
 
 # --- licenses -------------------------------------------------------------------------------------
@@ -231,7 +239,7 @@ async def list_licenses(request: web.Request) -> web.Response:
     gw, principal = gateway_of(request), principal_of(request)
 
     def work(session: Session) -> tuple[list[dict[str, Any]], int]:
-        infos, total = lic.list_licenses(
+        infos, total = queries.list_licenses(
             session, gw.clock, gw.settings.licensing, principal, query=params.q, status=params.status,
             expired=params.expired, expiring_soon=params.expiring_soon,
             coupon_deadline_soon=params.coupon_deadline_soon, customer_id=params.customer_id,
@@ -250,10 +258,10 @@ async def buy_license(request: web.Request) -> web.Response:
     gw, principal = gateway_of(request), principal_of(request)
 
     def work(session: Session) -> dict[str, Any]:
-        purchase = lic.buy(session, gw.clock, gw.settings.licensing, principal, edition=body.edition,
-                           seats=body.seats, term_months=body.term_months, notes=body.notes)
-        return {"order": _order_dict(request, session, purchase.order),
-                "licenses": _license_dicts(request, session, purchase.licenses)}
+        bought = purchase.buy(session, gw.clock, gw.settings.licensing, principal, edition=body.edition,
+                              seats=body.seats, term_months=body.term_months, notes=body.notes)
+        return {"order": _order_dict(request, session, bought.order),
+                "licenses": _license_dicts(request, session, bought.licenses)}
 
     return respond(PurchaseOut, await in_db(request, work), status=201)
 
@@ -265,11 +273,11 @@ async def buy_bulk(request: web.Request) -> web.Response:
     gw, principal = gateway_of(request), principal_of(request)
 
     def work(session: Session) -> dict[str, Any]:
-        purchase = lic.buy_bulk(session, gw.clock, gw.settings.licensing, principal, edition=body.edition,
-                                customers=body.customers, devices_per_customer=body.devices_per_customer,
-                                term_months=body.term_months)
-        return {"order": _order_dict(request, session, purchase.order),
-                "licenses": _license_dicts(request, session, purchase.licenses)}
+        bought = purchase.buy_bulk(session, gw.clock, gw.settings.licensing, principal, edition=body.edition,
+                                   customers=body.customers, devices_per_customer=body.devices_per_customer,
+                                   term_months=body.term_months)
+        return {"order": _order_dict(request, session, bought.order),
+                "licenses": _license_dicts(request, session, bought.licenses)}
 
     return respond(PurchaseOut, await in_db(request, work), status=201)
 
@@ -281,8 +289,8 @@ async def delete_expired(request: web.Request) -> web.Response:
     gw, principal = gateway_of(request), principal_of(request)
 
     def work(session: Session) -> dict[str, Any]:
-        chosen = lic.delete_expired(session, gw.clock, gw.settings.licensing, principal, body.mode,
-                                    dry_run=body.dry_run)
+        chosen = pool.delete_expired(session, gw.clock, gw.settings.licensing, principal, body.mode,
+                                     dry_run=body.dry_run)
         return {"mode": body.mode, "dry_run": body.dry_run, "count": len(chosen), "keys": [c.key for c in chosen]}
 
     return respond(DeleteExpiredOut, await in_db(request, work))
@@ -293,7 +301,7 @@ async def get_license(request: web.Request) -> web.Response:
     gw, principal, key = gateway_of(request), principal_of(request), request.match_info["key"]
 
     def work(session: Session) -> dict[str, Any]:
-        return lic.license_info(session, principal, key).to_dict(gw.clock.now(), gw.settings.licensing)
+        return queries.license_info(session, principal, key).to_dict(gw.clock.now(), gw.settings.licensing)
 
     return respond(LicenseOut, await in_db(request, work))
 
@@ -306,10 +314,10 @@ async def patch_license(request: web.Request) -> web.Response:
 
     def work(session: Session) -> dict[str, Any]:
         if body.notes is not None:
-            lic.set_notes(session, gw.clock, principal, key, body.notes)
+            history.set_notes(session, gw.clock, principal, key, body.notes)
         if body.auto_renew is not None:
-            lic.set_auto_renew(session, gw.clock, gw.settings.licensing, principal, key, body.auto_renew)
-        return lic.license_info(session, principal, key).to_dict(gw.clock.now(), gw.settings.licensing)
+            renewal.set_auto_renew(session, gw.clock, gw.settings.licensing, principal, key, body.auto_renew)
+        return queries.license_info(session, principal, key).to_dict(gw.clock.now(), gw.settings.licensing)
 
     return respond(LicenseOut, await in_db(request, work))
 
@@ -321,7 +329,7 @@ async def assign_license(request: web.Request) -> web.Response:
     gw, principal, key = gateway_of(request), principal_of(request), request.match_info["key"]
 
     def work(session: Session) -> dict[str, Any]:
-        assigned = lic.assign(session, gw.clock, gw.settings.licensing, principal, key, body.workspace_id)
+        assigned = assignment.assign(session, gw.clock, gw.settings.licensing, principal, key, body.workspace_id)
         return _license_dicts(request, session, [assigned])[0]
 
     return respond(LicenseOut, await in_db(request, work))
@@ -336,14 +344,14 @@ async def renew_license(request: web.Request) -> web.Response:
     def work(session: Session) -> dict[str, Any]:
         config = gw.settings.licensing
         if body.coupon:
-            renewal = lic.renew_with_coupon(session, gw.clock, config, principal, key, edition=body.edition)
+            renewed = renewal.renew_with_coupon(session, gw.clock, config, principal, key, edition=body.edition)
         else:
             assert body.years is not None
-            renewal = lic.renew(session, gw.clock, config, principal, key, years=body.years, edition=body.edition)
+            renewed = renewal.renew(session, gw.clock, config, principal, key, years=body.years, edition=body.edition)
         return {
-            "license": _license_dicts(request, session, [renewal.license])[0],
-            "order": _order_dict(request, session, renewal.order) if renewal.order else None,
-            "coupon": renewal.coupon.key if renewal.coupon else None,
+            "license": _license_dicts(request, session, [renewed.license])[0],
+            "order": _order_dict(request, session, renewed.order) if renewed.order else None,
+            "coupon": renewed.coupon.key if renewed.coupon else None,
         }
 
     return respond(RenewalOut, await in_db(request, work))
@@ -355,7 +363,7 @@ async def exchange_license(request: web.Request) -> web.Response:
     gw, principal, key = gateway_of(request), principal_of(request), request.match_info["key"]
 
     def work(session: Session) -> dict[str, Any]:
-        replacement = lic.exchange(session, gw.clock, gw.settings.licensing, principal, key)
+        replacement = pool.exchange(session, gw.clock, gw.settings.licensing, principal, key)
         return _license_dicts(request, session, [replacement])[0]
 
     return respond(LicenseOut, await in_db(request, work))
@@ -368,8 +376,8 @@ async def license_history(request: web.Request) -> web.Response:
     principal, key = principal_of(request), request.match_info["key"]
 
     def work(session: Session) -> tuple[list[dict[str, Any]], int]:
-        rows, total = lic.license_history(session, principal, key, limit=params.limit, offset=params.offset)
-        return [lic.history_dict(r) for r in rows], total
+        rows, total = history.license_history(session, principal, key, limit=params.limit, offset=params.offset)
+        return [history.history_dict(r) for r in rows], total
 
     items, total = await in_db(request, work)
     return respond(Page[HistoryOut], page(request, items, total, params))
@@ -386,8 +394,8 @@ async def list_pool(request: web.Request) -> web.Response:
 
     def work(session: Session) -> tuple[list[dict[str, Any]], int]:
         require_admin(principal, "pool")
-        infos, total = lic.list_licenses(session, gw.clock, gw.settings.licensing, principal, in_pool=True,
-                                         status=LicenseStatus.UNUSED, limit=params.limit, offset=params.offset)
+        infos, total = queries.list_licenses(session, gw.clock, gw.settings.licensing, principal, in_pool=True,
+                                             status=LicenseStatus.UNUSED, limit=params.limit, offset=params.offset)
         now = gw.clock.now()
         return [i.to_dict(now, gw.settings.licensing) for i in infos], total
 
@@ -401,7 +409,7 @@ async def add_to_pool(request: web.Request) -> web.Response:
     gw, principal = gateway_of(request), principal_of(request)
 
     def work(session: Session) -> dict[str, Any]:
-        pooled = lic.set_pool(session, gw.clock, gw.settings.licensing, principal, body.key, True)
+        pooled = pool.set_pool(session, gw.clock, gw.settings.licensing, principal, body.key, True)
         return _license_dicts(request, session, [pooled])[0]
 
     return respond(LicenseOut, await in_db(request, work))
@@ -412,7 +420,7 @@ async def remove_from_pool(request: web.Request) -> web.Response:
     gw, principal, key = gateway_of(request), principal_of(request), request.match_info["key"]
 
     def work(session: Session) -> dict[str, Any]:
-        unpooled = lic.set_pool(session, gw.clock, gw.settings.licensing, principal, key, False)
+        unpooled = pool.set_pool(session, gw.clock, gw.settings.licensing, principal, key, False)
         return _license_dicts(request, session, [unpooled])[0]
 
     return respond(LicenseOut, await in_db(request, work))
@@ -428,8 +436,8 @@ async def list_orders(request: web.Request) -> web.Response:
     gw, principal = gateway_of(request), principal_of(request)
 
     def work(session: Session) -> tuple[list[dict[str, Any]], int]:
-        infos, total = lic.list_orders(session, gw.clock, gw.settings.licensing, principal, kind=params.kind,
-                                       query=params.q, limit=params.limit, offset=params.offset)
+        infos, total = orders.list_orders(session, gw.clock, gw.settings.licensing, principal, kind=params.kind,
+                                          query=params.q, limit=params.limit, offset=params.offset)
         return [i.to_dict() for i in infos], total
 
     items, total = await in_db(request, work)
@@ -442,7 +450,7 @@ async def get_order(request: web.Request) -> web.Response:
     order_id = _int_path(request, "order_id")
 
     def work(session: Session) -> dict[str, Any]:
-        return lic.get_order(session, gw.clock, gw.settings.licensing, principal, order_id).to_dict()
+        return orders.get_order(session, gw.clock, gw.settings.licensing, principal, order_id).to_dict()
 
     return respond(OrderOut, await in_db(request, work))
 
@@ -454,7 +462,7 @@ async def get_order(request: web.Request) -> web.Response:
             response=CompanySettingsOut)
 async def get_company_settings(request: web.Request) -> web.Response:
     principal = principal_of(request)
-    return respond(CompanySettingsOut, await in_db(request, lambda s: lic.company_settings(s, principal)))
+    return respond(CompanySettingsOut, await in_db(request, lambda s: pool.company_settings(s, principal)))
 
 
 @routes.patch("/settings/licensing", summary="switch automatic exchange (L14) or set the company allocation (L15)",
@@ -464,9 +472,9 @@ async def patch_company_settings(request: web.Request) -> web.Response:
     principal = principal_of(request)
 
     def work(session: Session) -> dict[str, Any]:
-        lic.set_company_settings(session, principal, automatic_exchange=body.automatic_exchange,
-                                 pool_mode=body.pool_mode, pool_limit=body.pool_limit)
-        return lic.company_settings(session, principal)
+        pool.set_company_settings(session, principal, automatic_exchange=body.automatic_exchange,
+                                  pool_mode=body.pool_mode, pool_limit=body.pool_limit)
+        return pool.company_settings(session, principal)
 
     return respond(CompanySettingsOut, await in_db(request, work))
 
@@ -477,7 +485,7 @@ async def get_user_allocation(request: web.Request) -> web.Response:
     gw, principal = gateway_of(request), principal_of(request)
     user_id = _int_path(request, "user_id")
     return respond(UserAllocationOut,
-                   await in_db(request, lambda s: lic.user_allocation(s, gw.clock, principal, user_id)))
+                   await in_db(request, lambda s: pool.user_allocation(s, gw.clock, principal, user_id)))
 
 
 @routes.put("/users/{user_id}/allocation", summary="set a user's license allocation (L15)", body=UserAllocationBody,
@@ -488,8 +496,8 @@ async def put_user_allocation(request: web.Request) -> web.Response:
     user_id = _int_path(request, "user_id")
 
     def work(session: Session) -> dict[str, Any]:
-        lic.set_user_allocation(session, principal, user_id, pool_mode=body.pool_mode, pool_limit=body.pool_limit)
-        return lic.user_allocation(session, gw.clock, principal, user_id)
+        pool.set_user_allocation(session, principal, user_id, pool_mode=body.pool_mode, pool_limit=body.pool_limit)
+        return pool.user_allocation(session, gw.clock, principal, user_id)
 
     return respond(UserAllocationOut, await in_db(request, work))
 

@@ -1,12 +1,15 @@
 """Prometheus metrics: one registry per gateway (never the global one), so tests and apps stay independent.
 
 Events are counted as they happen through :class:`Metrics` methods (the webhook
-receiver, the pull loop, the HTTP connector call them). Stored state (deliveries
+receiver, the pull loop, the HTTP connector call them). The sync layer never
+imports this module: it declares the counters it increments
+(:class:`~gateway.sync.ports.WebhookCounters`, :class:`~gateway.sync.ports.PullCounters`),
+:class:`Metrics` implements them, and the daemon hands the gateway's instance in. Stored state (deliveries
 and bills by status, devices per connection, connection health) is read from the
 database at scrape time, so it is never stale and costs nothing between scrapes.
 
-Get the gateway's instance with :func:`get_metrics`; ``GET /metrics`` renders it
-(:mod:`gateway.web.health`).
+Get the gateway's instance with :func:`get_metrics` (kept under :data:`METRICS_KEY`
+in ``gateway.stash``); ``GET /metrics`` renders it (:mod:`gateway.web.health`).
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.core.models import Bill, BillStatus, ConnectionState, Delivery, DeliveryStatus, Device
+from gateway.stash import StashKey
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from gateway.app import Gateway
 
 log = structlog.get_logger(__name__)
 
-METRICS_EXTRA = "metrics"
 
 
 class Metrics:
@@ -118,11 +121,11 @@ class StoredStateCollector(Collector):
         delivery_family = GaugeMetricFamily(
             "gateway_deliveries", "Outbox deliveries by status (G2).", labels=["status"]
         )
-        for status in DeliveryStatus:
-            delivery_family.add_metric([status.value], deliveries.get(status, 0))
+        for delivery_status in DeliveryStatus:
+            delivery_family.add_metric([delivery_status.value], deliveries.get(delivery_status, 0))
         bill_family = GaugeMetricFamily("gateway_bills", "Bills by status (S3).", labels=["status"])
-        for status in BillStatus:
-            bill_family.add_metric([status.value], bills.get(status, 0))
+        for bill_status in BillStatus:
+            bill_family.add_metric([bill_status.value], bills.get(bill_status, 0))
         device_family = GaugeMetricFamily(
             "gateway_devices", "Devices not deleted, per RMM connection and online state.",
             labels=["connection", "online"],
@@ -137,9 +140,13 @@ class StoredStateCollector(Collector):
         return [delivery_family, bill_family, device_family, failure_family]
 
 
+#: The gateway's :class:`Metrics` in ``gateway.stash`` (set by :func:`get_metrics`).
+METRICS_KEY = StashKey[Metrics]("metrics")
+
+
 def get_metrics(gateway: Gateway) -> Metrics:
-    """The gateway's Metrics, created on first use and kept in ``gateway.extras``."""
-    metrics = gateway.extras.get(METRICS_EXTRA)
+    """The gateway's Metrics, created on first use and kept in ``gateway.stash``."""
+    metrics = gateway.stash.get(METRICS_KEY, None)
     if metrics is None:
-        metrics = gateway.extras[METRICS_EXTRA] = Metrics(gateway.db)
+        metrics = gateway.stash[METRICS_KEY] = Metrics(gateway.db)
     return metrics

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from gateway.web.api import Endpoint
 from gateway.web.errors import ErrorBody
@@ -31,7 +31,7 @@ _ERRORS = {
 
 
 def build_document(endpoints: Sequence[Endpoint], *, title: str, version: str) -> dict[str, Any]:
-    models: list[tuple[Any, str]] = [(ErrorBody, "serialization")]
+    models: list[tuple[Any, JsonSchemaMode]] = [(ErrorBody, "serialization")]
     for e in endpoints:
         if e.body is not None:
             models.append((e.body, "validation"))

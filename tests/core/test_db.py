@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -32,7 +32,7 @@ def test_m7_upgrade_from_0001_keeps_usage_rows_and_drops_their_bill_key(blank_en
     """0002 takes the foreign key off ``bill_devices`` (see BillDevice) without losing a row; 0001 puts it back."""
     config = gdb.alembic_config(blank_engine)
     command.upgrade(config, "0001")
-    at = datetime(2026, 4, 2, tzinfo=timezone.utc)
+    at = datetime(2026, 4, 2, tzinfo=UTC)
     with blank_engine.begin() as connection:
         connection.execute(insert(Partner.__table__).values(id=1, name="P", created_at=at))
         connection.execute(insert(Customer.__table__).values(id=1, partner_id=1, name="C", timezone="UTC",
@@ -66,7 +66,7 @@ def test_m7_upgrade_from_0001_keeps_usage_rows_and_drops_their_bill_key(blank_en
 
 def test_m7_deleting_a_bill_or_its_customer_deletes_its_usage_rows(db_engine):
     """No foreign key, but the same cascade: migration 0002's trigger on ``bills``, on either database."""
-    at = datetime(2026, 4, 2, tzinfo=timezone.utc)
+    at = datetime(2026, 4, 2, tzinfo=UTC)
     with db_engine.begin() as connection:
         connection.execute(insert(Partner.__table__).values(id=1, name="P", created_at=at))
         connection.execute(insert(Customer.__table__), [
@@ -145,7 +145,7 @@ def test_unreachable_postgres_is_one_clear_line():
 
 
 def test_money_is_stored_exactly_never_as_a_float(db, db_engine):
-    at = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    at = datetime(2026, 3, 1, tzinfo=UTC)
     with gdb.transaction(db) as s:
         s.add(Partner(name="P", created_at=at, discount_percent=Decimal("12345678901234.5678")))
     with db_engine.connect() as connection:
@@ -162,4 +162,4 @@ def test_money_is_stored_exactly_never_as_a_float(db, db_engine):
 def test_float_money_is_refused(db):
     with pytest.raises(Exception, match="money must be a Decimal"):
         with gdb.transaction(db) as s:
-            s.add(Partner(name="P", created_at=datetime(2026, 1, 1, tzinfo=timezone.utc), discount_percent=0.1))
+            s.add(Partner(name="P", created_at=datetime(2026, 1, 1, tzinfo=UTC), discount_percent=0.1))

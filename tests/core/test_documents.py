@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
 from pypdf import PdfReader
 from sqlalchemy import select
 
-from gateway.core import bills as svc
-from gateway.core import documents
 from gateway.core.access import system_principal
-from gateway.core.billing import month_period
+from gateway.core.billing import associations, lifecycle, plans, reports, run, subscriptions
+from gateway.core.billing.documents import csv as csv_docs
+from gateway.core.billing.documents import format as fmt
+from gateway.core.billing.documents import pdf as pdf_docs
+from gateway.core.billing.rules import month_period
 from gateway.core.db import transaction
 from gateway.core.models import Bill, Customer, Device, DeviceActivity, Partner, Workspace
 from gateway.core.settings import BillingSettings, MailSettings
 
-UTC = timezone.utc
+UTC = UTC
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 MAIL = MailSettings(host="127.0.0.1", from_address="billing@msp.example")
 
@@ -45,40 +47,40 @@ def world(db):
         s.add(w)
         s.flush()
         admin = system_principal(p.id, "test")
-        plan = svc.create_plan(s, admin, name="Managed Endpoint", price_per_device="12.50", currency="EUR", now=T0)
-        svc.associate(s, admin, plan_id=plan.id, customer_ids=[c.id], cycle="monthly", starts_on=date(2026, 3, 1),
-                      due_days=14, email="ap@acme.example", mail=MAIL, now=T0)
+        plan = plans.create_plan(s, admin, name="Managed Endpoint", price_per_device="12.50", currency="EUR", now=T0)
+        associations.associate(s, admin, plan_id=plan.id, customer_ids=[c.id], cycle="monthly", starts_on=date(2026, 3, 1),
+                               due_days=14, email="ap@acme.example", mail=MAIL, now=T0)
         for i in range(3):
             d = Device(connection="rmm", external_id=f"d{i}", org_external_id="o", workspace_id=w.id,
                        hostname=f"pc-{i}", first_seen_at=T0, updated_at=T0)
             s.add(d)
             s.flush()
             s.add_all([DeviceActivity(device_id=d.id, day=date(2026, 3, 5)), DeviceActivity(device_id=d.id, day=date(2026, 4, 5))])
-        svc.add_adjustment(s, admin, customer_id=c.id, kind="charge", description="On-site visit, 2 h", amount="150",
-                           currency="EUR", now=T0)
-        svc.add_adjustment(s, admin, customer_id=c.id, kind="discount", description="Loyalty", amount="10",
-                           currency="EUR", now=T0)
+        lifecycle.add_adjustment(s, admin, customer_id=c.id, kind="charge", description="On-site visit, 2 h", amount="150",
+                                 currency="EUR", now=T0)
+        lifecycle.add_adjustment(s, admin, customer_id=c.id, kind="discount", description="Loyalty", amount="10",
+                                 currency="EUR", now=T0)
     with transaction(db) as s:
-        svc.run_billing(s, now=datetime(2026, 4, 1, 6, tzinfo=UTC), billing=BillingSettings())
-        svc.change_price(s, admin, plan.id, price_per_device="15.00", effective_from=date(2026, 4, 16),
-                         now=datetime(2026, 4, 16, tzinfo=UTC))
+        run.run_billing(s, now=datetime(2026, 4, 1, 6, tzinfo=UTC), billing=BillingSettings())
+        plans.change_price(s, admin, plan.id, price_per_device="15.00", effective_from=date(2026, 4, 16),
+                           now=datetime(2026, 4, 16, tzinfo=UTC))
     with transaction(db) as s:
-        svc.run_billing(s, now=datetime(2026, 5, 1, 6, tzinfo=UTC), billing=BillingSettings())
+        run.run_billing(s, now=datetime(2026, 5, 1, 6, tzinfo=UTC), billing=BillingSettings())
     with transaction(db) as s:  # a second run changes nothing
-        assert svc.run_billing(s, now=datetime(2026, 5, 1, 6, tzinfo=UTC), billing=BillingSettings()).drafts == []
+        assert run.run_billing(s, now=datetime(2026, 5, 1, 6, tzinfo=UTC), billing=BillingSettings()).drafts == []
     return p.id, c.id
 
 
 def load(db, partner_id, customer_id):
     s = db()
     admin = system_principal(partner_id, "test")
-    customer, bills = svc.customer_bills(s, admin, customer_id)
+    customer, bills = lifecycle.customer_bills(s, admin, customer_id)
     return s, s.get(Partner, partner_id), customer, bills
 
 
 def test_s5_single_bill_csv_has_one_row_per_line_and_the_total(db):
     s, partner, customer, (march, april) = load(db, *world(db))
-    rows = csv_rows(documents.bill_csv(march, customer))
+    rows = csv_rows(csv_docs.bill_csv(march, customer))
     assert [(r["line_kind"], r["description"][:14], r["quantity"], r["unit_price"], r["amount"]) for r in rows] == [
         ("devices", "Service plan M", "3", "12.5", "37.50"),
         ("charge", "On-site visit,", "1", "150", "150.00"),
@@ -93,7 +95,7 @@ def test_s5_single_bill_csv_has_one_row_per_line_and_the_total(db):
 
 def test_s5_consolidated_csv_holds_every_bill_of_the_customer(db):
     s, partner, customer, bills = load(db, *world(db))
-    rows = csv_rows(documents.consolidated_csv(customer, bills))
+    rows = csv_rows(csv_docs.consolidated_csv(customer, bills))
     assert [r["bill_number"] for r in rows] == [bills[0].number] * 3 + [bills[1].number] * 2
     april = [r for r in rows if r["bill_number"] == bills[1].number]
     # S7: both parts of April, at the old and the new price.
@@ -104,7 +106,7 @@ def test_s5_consolidated_csv_holds_every_bill_of_the_customer(db):
 
 def test_s5_bill_pdf_is_a_readable_invoice(db):
     s, partner, customer, (march, april) = load(db, *world(db))
-    text = pdf_text(documents.bill_pdf(march, customer, partner))
+    text = pdf_text(pdf_docs.bill_pdf(march, customer, partner))
     for expected in (
         f"Invoice {march.number}", "Northwind IT", "=Acme GmbH", "2026-03-01 to 2026-03-31", "Europe/Berlin",
         "Due date:", "2026-04-15", "On-site visit, 2 h", "150.00", "-10.00", "Total: 177.50 EUR", "Devices:",
@@ -115,7 +117,7 @@ def test_s5_bill_pdf_is_a_readable_invoice(db):
 
 def test_s5_consolidated_pdf_lists_all_bills_then_each_bill(db):
     s, partner, customer, (march, april) = load(db, *world(db))
-    reader = PdfReader(io.BytesIO(documents.consolidated_pdf(customer, partner, [march, april])))
+    reader = PdfReader(io.BytesIO(pdf_docs.consolidated_pdf(customer, partner, [march, april])))
     summary = reader.pages[0].extract_text()
     assert "Consolidated bill: =Acme GmbH" in summary
     assert march.number in summary and april.number in summary
@@ -128,7 +130,7 @@ def test_s5_consolidated_pdf_lists_all_bills_then_each_bill(db):
 def test_s5_pdf_prints_characters_outside_latin1_as_question_marks(db):
     s, partner, customer, (march, _) = load(db, *world(db))
     customer.name = "Żabka Sp. z o.o. – Kraków"
-    text = pdf_text(documents.bill_pdf(march, customer, partner))
+    text = pdf_text(pdf_docs.bill_pdf(march, customer, partner))
     assert "?abka Sp. z o.o. ? Kraków" in text
     s.rollback()
     s.close()
@@ -146,8 +148,8 @@ def test_m7_usage_csv_has_one_row_per_billed_device(db):
         s.add(w)
         s.flush()
         admin = system_principal(p.id, "test")
-        svc.enable_monthly(s, admin, settings=BillingSettings(), now=datetime(2026, 2, 3, tzinfo=UTC))
-        svc.join_monthly(s, admin, workspace_id=w.id, max_devices=10, now=datetime(2026, 2, 3, tzinfo=UTC))
+        subscriptions.enable_monthly(s, admin, settings=BillingSettings(), now=datetime(2026, 2, 3, tzinfo=UTC))
+        subscriptions.join_monthly(s, admin, workspace_id=w.id, max_devices=10, now=datetime(2026, 2, 3, tzinfo=UTC))
         for name, days in (("a", [1, 2, 3]), ("b", [31]), ("idle", [])):
             d = Device(connection="ninja", external_id=name, org_external_id="o", workspace_id=w.id,
                        hostname=f"{name}.local", first_seen_at=T0, updated_at=T0)
@@ -155,10 +157,10 @@ def test_m7_usage_csv_has_one_row_per_billed_device(db):
             s.flush()
             s.add_all(DeviceActivity(device_id=d.id, day=date(2026, 3, day)) for day in days)
     with transaction(db) as s:
-        svc.run_billing(s, now=datetime(2026, 4, 1, 1, tzinfo=UTC), billing=BillingSettings())
+        run.run_billing(s, now=datetime(2026, 4, 1, 1, tzinfo=UTC), billing=BillingSettings())
     with db() as s:
         number = s.scalar(select(Bill.number).where(Bill.kind == "monthly"))
-        rows = csv_rows(documents.usage_csv(svc.usage_rows(s, admin, month_period(2026, 3))))
+        rows = csv_rows(csv_docs.usage_csv(reports.usage_rows(s, admin, month_period(2026, 3))))
     assert rows == [
         {"bill_number": number, "customer": "Acme", "workspace": "HQ", "connection": "ninja", "device_id": "a",
          "hostname": "a.local", "period_start": "2026-03-01", "period_end": "2026-03-31", "days_active": "3"},
@@ -168,6 +170,6 @@ def test_m7_usage_csv_has_one_row_per_billed_device(db):
 
 
 def test_money_is_shown_with_the_currencys_minor_digits():
-    assert documents.money(Decimal("14.5200"), "USD") == "14.52"
-    assert documents.money(Decimal("1250.0000"), "JPY") == "1250"
-    assert documents.money(Decimal("1.0010"), "KWD") == "1.001"
+    assert fmt.money(Decimal("14.5200"), "USD") == "14.52"
+    assert fmt.money(Decimal("1250.0000"), "JPY") == "1250"
+    assert fmt.money(Decimal("1.0010"), "KWD") == "1.001"

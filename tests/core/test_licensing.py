@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -16,31 +16,27 @@ from sqlalchemy.orm import Session
 from gateway.core import db as gdb
 from gateway.core.access import Principal, principal_for_user, system_principal
 from gateway.core.clock import FrozenClock
-from gateway.core.licensing import (
-    DeleteMode,
-    LicenseStatus,
-    add_months,
-    activation_deadline,
-    assign,
-    buy,
-    buy_bulk,
+from gateway.core.licensing.assignment import assign
+from gateway.core.licensing.daily import run_daily
+from gateway.core.licensing.history import license_history, set_notes
+from gateway.core.licensing.orders import list_orders
+from gateway.core.licensing.pool import (
     delete_expired,
     exchange,
-    license_history,
-    license_info,
-    license_status,
-    list_licenses,
-    list_orders,
-    renew,
-    renew_with_coupon,
-    run_daily,
-    run_daily_job,
-    set_auto_renew,
     set_company_settings,
-    set_notes,
     set_user_allocation,
-    tier_discount,
     user_allocation,
+)
+from gateway.core.licensing.purchase import buy, buy_bulk
+from gateway.core.licensing.queries import license_info, list_licenses
+from gateway.core.licensing.renewal import renew, renew_with_coupon, set_auto_renew
+from gateway.core.licensing.rules import (
+    DeleteMode,
+    LicenseStatus,
+    activation_deadline,
+    add_months,
+    license_status,
+    tier_discount,
 )
 from gateway.core.models import (
     Customer,
@@ -61,8 +57,9 @@ from gateway.core.settings import LicensingSettings
 from gateway.errors import Conflict, DomainError, NotFound
 from gateway.hookspecs import hookimpl
 from gateway.plugins import get_plugin_manager
+from gateway.sync.jobs import run_daily_job
 
-T0 = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 CONFIG = LicensingSettings(prices={"BUS": Decimal("30"), "ENT": Decimal("50"), "VM": Decimal("100")})
 
 
@@ -137,7 +134,7 @@ def test_l1_license_holds_key_edition_type_seats_term_purchase_partner_and_notes
     assert (info["edition"], info["license_type"], info["seats"], info["term_months"]) == ("BUS", "computer", 7, 24)
     assert info["purchased_at"] == clock.now() and lic.partner_id == w.partner.id
     assert info["notes"] == "PO-4711" and info["status"] == "unused"
-    assert info["activation_deadline"] == datetime(2027, 3, 10, 12, 0, tzinfo=timezone.utc)
+    assert info["activation_deadline"] == datetime(2027, 3, 10, 12, 0, tzinfo=UTC)
 
 
 def test_l1_status_is_derived_from_dates(session, clock, w):
@@ -172,7 +169,7 @@ def test_l2_term_starts_at_assignment_not_at_purchase(session, clock, w):
     clock.advance(days=75)
     assign(session, clock, CONFIG, w.me, lic.key, w.ws_acme.id)
     assert lic.activated_at == clock.now()
-    assert lic.expires_at == add_months(clock.now(), 12) == datetime(2027, 5, 24, 12, 0, tzinfo=timezone.utc)
+    assert lic.expires_at == add_months(clock.now(), 12) == datetime(2027, 5, 24, 12, 0, tzinfo=UTC)
     assert w.ws_acme.edition_id == w.bus.id
 
 
@@ -198,9 +195,9 @@ def test_l3_key_not_activated_within_12_months_expires_unused(session, clock, w)
 
 
 def test_l3_activation_window_of_a_month_end_purchase_is_clamped(session, clock, w):
-    clock.set(datetime(2028, 2, 29, 9, 0, tzinfo=timezone.utc))
+    clock.set(datetime(2028, 2, 29, 9, 0, tzinfo=UTC))
     lic = one(session, clock, w)
-    assert activation_deadline(lic) == datetime(2029, 2, 28, 9, 0, tzinfo=timezone.utc)
+    assert activation_deadline(lic) == datetime(2029, 2, 28, 9, 0, tzinfo=UTC)
 
 
 def test_l5_one_purchase_gives_one_key_for_one_workspace(session, clock, w):
@@ -354,9 +351,9 @@ def test_l8_renewing_an_expired_license_with_a_coupon_starts_today(session, cloc
 
 def test_l8_on_the_leap_day_the_coupon_with_the_earlier_deadline_is_taken(session, clock, w):
     # Bought later but expiring sooner: 29 Feb + 12 months clamps to 28 Feb (L3).
-    clock.set(datetime(2024, 2, 28, 23, 0, tzinfo=timezone.utc))
+    clock.set(datetime(2024, 2, 28, 23, 0, tzinfo=UTC))
     bought_first = one(session, clock, w, seats=5)
-    clock.set(datetime(2024, 2, 29, 1, 0, tzinfo=timezone.utc))
+    clock.set(datetime(2024, 2, 29, 1, 0, tzinfo=UTC))
     expires_first = one(session, clock, w, seats=5)
     assert activation_deadline(expires_first) < activation_deadline(bought_first)
     lic = active(session, clock, w, seats=5)
@@ -473,7 +470,7 @@ def test_l8_concurrent_renewals_of_two_licenses_each_take_a_different_coupon(pos
     )
     assert {outcomes["first"], outcomes["second"]} == coupons, outcomes
     with factory() as s:
-        for key, expiry in zip(keys, expiries):
+        for key, expiry in zip(keys, expiries, strict=True):
             assert s.scalar(select(License.expires_at).where(License.key == key)) == add_months(expiry, 12)
         consumed_at = list(s.scalars(select(License.consumed_at).where(License.key.in_(coupons))))
         assert len(consumed_at) == 2 and all(consumed_at)
@@ -559,7 +556,7 @@ def test_l11_wildcard_search_over_key_notes_and_customer_name(session, clock, w)
 
 def test_l11_filters_expired_expiring_soon_and_coupon_deadline_soon(session, clock, w):
     def at(y, m, d):
-        clock.set(datetime(y, m, d, 12, 0, tzinfo=timezone.utc))
+        clock.set(datetime(y, m, d, 12, 0, tzinfo=UTC))
 
     at(2026, 2, 1); coupon_dead = one(session, clock, w)  # noqa: E702 - deadline 2027-02-01
     at(2026, 2, 10); expired = active(session, clock, w, workspace=w.ws_globex)  # noqa: E702 - ends 2027-02-10
@@ -665,10 +662,10 @@ def test_l14_bulk_licenses_sit_in_the_pool_and_replace_an_expired_license(sessio
 
 
 def test_l14_on_the_leap_day_the_pool_key_with_the_earlier_deadline_replaces_first(session, clock, w):
-    clock.set(datetime(2024, 2, 28, 23, 0, tzinfo=timezone.utc))
+    clock.set(datetime(2024, 2, 28, 23, 0, tzinfo=UTC))
     bought_first = buy_bulk(session, clock, CONFIG, w.me, edition="BUS", customers=1, devices_per_customer=5,
                             term_months=12).licenses[0]
-    clock.set(datetime(2024, 2, 29, 1, 0, tzinfo=timezone.utc))
+    clock.set(datetime(2024, 2, 29, 1, 0, tzinfo=UTC))
     expires_first = buy_bulk(session, clock, CONFIG, w.me, edition="BUS", customers=1, devices_per_customer=5,
                              term_months=12).licenses[0]
     lic = active(session, clock, w, seats=5, term=1)

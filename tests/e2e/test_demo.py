@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gateway.cli import main
 
 
+@pytest.mark.slow
 def test_demo_runs_the_full_cycle_and_reconciles_clean(tmp_path: Path):
     result = subprocess.run([sys.executable, "-m", "gateway", "demo", "--dir", str(tmp_path / "demo")],
                             capture_output=True, text=True, timeout=180)

@@ -21,11 +21,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from builders import write_config
+from psa_world import ServedApp, build_world, expected_bills, halo_connection
 from sqlalchemy import func, select
 
 from gateway.core.models import Delivery, DeliveryStatus
 from gateway.plugins.halopsa.simulator import STATE, create_app
-from psa_world import ServedApp, build_world, expected_bills, halo_connection, write_config
 
 BILLS = 200
 KILLS = 4

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from builders import free_port, write_config
+from psa_world import ServedApp, build_world, expected_bills, halo_connection
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 
@@ -30,7 +31,6 @@ from gateway.core import db as gdb
 from gateway.core.models import Delivery, DeliveryStatus
 from gateway.plugins.halopsa.simulator import STATE, create_app
 from gateway.sync.scheduler import LEADER_LOCK_KEY
-from psa_world import ServedApp, build_world, expected_bills, halo_connection, write_config
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -46,12 +46,6 @@ LEADER_SQL = text(
       AND ((l.classid::bigint << 32) | l.objid::bigint) = :key
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
@@ -136,7 +130,8 @@ def test_g2_three_processes_share_2000_deliveries_exactly_once_and_the_billing_l
                     processes[name] = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(config), "run"],
                                                        stdout=stream, stderr=stream, cwd=REPO, env=env)
             for name, port in ports.items():
-                wait_until(lambda: healthy(port) or processes[name].poll() is not None, 30, f"{name} to serve")
+                wait_until(lambda port=port, name=name: healthy(port) or processes[name].poll() is not None, 30,
+                           f"{name} to serve")
                 assert processes[name].poll() is None, logs[name].read_text()[-3000:]
             first_leader = wait_until(leader, 15, "a process to take the billing lock")
             # Kill the leader while the bills are being pushed.
@@ -150,10 +145,10 @@ def test_g2_three_processes_share_2000_deliveries_exactly_once_and_the_billing_l
             wait_until(lambda: undelivered() == 0, 90, "every delivery to be recorded", interval=0.5)
             finished = time.monotonic()
         finally:
-            for name, process in processes.items():
+            for process in processes.values():
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
-            for name, process in processes.items():
+            for process in processes.values():
                 try:
                     process.wait(15)
                 except subprocess.TimeoutExpired:

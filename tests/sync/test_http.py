@@ -6,7 +6,7 @@ import asyncio
 import base64
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
@@ -130,7 +130,7 @@ async def base_url(aiohttp_server: Any, tool: Tool) -> str:
 
 @pytest.fixture
 def frozen() -> FrozenClock:
-    return FrozenClock(datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc))
+    return FrozenClock(datetime(2026, 3, 10, 12, 0, tzinfo=UTC))
 
 
 @pytest.fixture
@@ -237,18 +237,18 @@ async def test_retry_after_seconds_is_honoured_and_capped(make, tool: Tool, slee
 
 
 async def test_retry_after_http_date_is_measured_against_the_date_header(make, tool: Tool, sleeps: Sleeps) -> None:
-    server_now = datetime(2026, 3, 10, 12, 0, 0, tzinfo=timezone.utc)
+    server_now = datetime(2026, 3, 10, 12, 0, 0, tzinfo=UTC)
     retry_at = server_now + timedelta(seconds=4)
     tool.faults = [
         Fault(429, {"Retry-After": format_datetime(retry_at, usegmt=True), "Date": format_datetime(server_now, usegmt=True)})
     ]
-    connector = make(clock=FrozenClock(datetime(2030, 1, 1, tzinfo=timezone.utc)))  # our clock is far off
+    connector = make(clock=FrozenClock(datetime(2030, 1, 1, tzinfo=UTC)))  # our clock is far off
     await connector.request("GET", "/api/x")
     assert sleeps.calls == [4.0]
 
 
 def test_retry_after_date_without_date_header_uses_our_clock() -> None:
-    now = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
     header = format_datetime(now + timedelta(seconds=30), usegmt=True)
     assert retry_after_seconds({"Retry-After": header}, now) == 30.0
     assert retry_after_seconds({"Retry-After": "soon"}, now) is None

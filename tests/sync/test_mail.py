@@ -6,30 +6,30 @@ import csv
 import email
 import io
 import json
-import socket
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from email.message import EmailMessage
 from email.policy import default as default_policy
 
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
+from builders import free_port, make_gateway
 from pypdf import PdfReader
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
 from gateway import hookimpl
-from gateway.app import Gateway
-from gateway.core import bills as svc
 from gateway.core.access import system_principal
+from gateway.core.billing import associations, plans, subscriptions
+from gateway.core.billing import run as billing_run
 from gateway.core.clock import FrozenClock
 from gateway.core.db import transaction
 from gateway.core.models import Bill, BillKind, BillStatus, Customer, Device, DeviceActivity, JobRun, Partner, Workspace
-from gateway.core.settings import BillingSettings, MailSettings, Settings
+from gateway.core.settings import BillingSettings, MailSettings
 from gateway.plugins import get_plugin_manager
-from gateway.sync import mail
+from gateway.sync import jobs, mail
 
-UTC = timezone.utc
+UTC = UTC
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -48,12 +48,6 @@ class Inbox:
         message = email.message_from_bytes(envelope.content, policy=default_policy)
         self.received.append((list(envelope.rcpt_tos), message))
         return "250 OK"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 PASSWORD = "smtp-pass-Zq81x"
@@ -107,16 +101,16 @@ def billed_world(db, settings: MailSettings) -> int:
         s.add(w)
         s.flush()
         admin = system_principal(p.id, "test")
-        plan = svc.create_plan(s, admin, name="Managed", price_per_device="9.99", currency="USD", now=T0)
-        svc.associate(s, admin, plan_id=plan.id, customer_ids=[c.id], cycle="monthly", starts_on=date(2026, 3, 1),
-                      due_days=14, email="ap@acme.example", mail=settings, now=T0)
+        plan = plans.create_plan(s, admin, name="Managed", price_per_device="9.99", currency="USD", now=T0)
+        associations.associate(s, admin, plan_id=plan.id, customer_ids=[c.id], cycle="monthly", starts_on=date(2026, 3, 1),
+                               due_days=14, email="ap@acme.example", mail=settings, now=T0)
         d = Device(connection="rmm", external_id="d1", org_external_id="o", workspace_id=w.id, first_seen_at=T0,
                    updated_at=T0)
         s.add(d)
         s.flush()
         s.add(DeviceActivity(device_id=d.id, day=date(2026, 3, 9)))
     with transaction(db) as s:
-        run = svc.run_billing(s, now=datetime(2026, 4, 1, 1, tzinfo=UTC), billing=BillingSettings())
+        run = billing_run.run_billing(s, now=datetime(2026, 4, 1, 1, tzinfo=UTC), billing=BillingSettings())
     return run.bill_ids[0]
 
 
@@ -241,7 +235,7 @@ def monthly_world(db) -> Partner:
         s.add(p)
         s.flush()
         admin = system_principal(p.id, "test")
-        svc.enable_monthly(s, admin, settings=BillingSettings(), now=datetime(2026, 2, 10, tzinfo=UTC))
+        subscriptions.enable_monthly(s, admin, settings=BillingSettings(), now=datetime(2026, 2, 10, tzinfo=UTC))
         for name in ("Acme", "Beta"):
             c = Customer(partner_id=p.id, name=name, created_at=T0)
             s.add(c)
@@ -249,7 +243,7 @@ def monthly_world(db) -> Partner:
             w = Workspace(customer_id=c.id, name="Main", created_at=T0)
             s.add(w)
             s.flush()
-            svc.join_monthly(s, admin, workspace_id=w.id, max_devices=10, now=datetime(2026, 2, 10, tzinfo=UTC))
+            subscriptions.join_monthly(s, admin, workspace_id=w.id, max_devices=10, now=datetime(2026, 2, 10, tzinfo=UTC))
             for i in range(2 if name == "Acme" else 1):
                 d = Device(connection="rmm", external_id=f"{name}-{i}", org_external_id="o", workspace_id=w.id,
                            hostname=f"{name.lower()}-{i}", first_seen_at=T0, updated_at=T0)
@@ -259,13 +253,17 @@ def monthly_world(db) -> Partner:
     return p
 
 
+async def billing_job(gateway) -> jobs.BillingPass:
+    """One pass of the billing calendar with the gateway's parts, e-mail retries without waiting."""
+    return await jobs.billing_job(gateway.db, gateway.clock, gateway.settings.billing, gateway.settings.mail,
+                                  gateway.plugins, sleep=no_sleep)
+
+
 async def test_m6_after_a_run_the_partner_gets_the_billing_report_once(db, db_engine, smtp):
     inbox, settings = smtp()
     p = monthly_world(db)
-    gateway = Gateway(settings=Settings(mail=settings), engine=db_engine, db=db,
-                      plugins=get_plugin_manager(load_entry_points=False),
-                      clock=FrozenClock(datetime(2026, 4, 1, 0, 30, tzinfo=UTC)))
-    first = await mail.billing_job(gateway, sleep=no_sleep)
+    gateway = make_gateway(db_engine, FrozenClock(datetime(2026, 4, 1, 0, 30, tzinfo=UTC)), mail=settings, db=db)
+    first = await billing_job(gateway)
     assert len(first.run.bill_ids) == 2
     # The activation bill went to the partner when it was issued; the report follows the run.
     reports = [(to, m) for to, m in inbox.received if m["Subject"].startswith("Billing report")]
@@ -278,7 +276,7 @@ async def test_m6_after_a_run_the_partner_gets_the_billing_report_once(db, db_en
     assert [row["device_id"] for row in csv.DictReader(io.StringIO(usage))] == ["Acme-0", "Acme-1", "Beta-0"]
     with db() as s:
         assert s.scalar(select(JobRun.finished_at).where(JobRun.job == f"billing-report:{p.id}")) is not None
-    second = await mail.billing_job(gateway, sleep=no_sleep)
+    second = await billing_job(gateway)
     assert second.run.bill_ids == [] and second.mail.sent == []
     assert len([m for _, m in inbox.received if m["Subject"].startswith("Billing report")]) == 1
 
@@ -286,13 +284,11 @@ async def test_m6_after_a_run_the_partner_gets_the_billing_report_once(db, db_en
 async def test_m6_a_report_that_could_not_be_sent_is_retried_at_the_next_pass(db, db_engine, smtp):
     inbox, settings = smtp(refuse=100)
     monthly_world(db)
-    gateway = Gateway(settings=Settings(mail=settings), engine=db_engine, db=db,
-                      plugins=get_plugin_manager(load_entry_points=False),
-                      clock=FrozenClock(datetime(2026, 4, 1, 0, 30, tzinfo=UTC)))
-    first = await mail.billing_job(gateway, sleep=no_sleep)
+    gateway = make_gateway(db_engine, FrozenClock(datetime(2026, 4, 1, 0, 30, tzinfo=UTC)), mail=settings, db=db)
+    first = await billing_job(gateway)
     assert any("billing report 2026-03" in what for what, _ in first.mail.failed)
     inbox.refuse = 0
-    second = await mail.billing_job(gateway, sleep=no_sleep)
+    second = await billing_job(gateway)
     assert second.run.bill_ids == []
     assert [what for what in second.mail.sent if what.startswith("billing report")] == [
         "billing report 2026-03 for partner 1"

@@ -12,23 +12,30 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from builders import make_gateway, write_config
+from psa_world import (
+    BILLED_AT,
+    Recorder,
+    build_world,
+    halo_connection,
+    logging_restored,
+    outbox_round,
+)
 from sqlalchemy import select, update
 
 from gateway import cli
 from gateway.adapters import AdapterContext, PushResult
 from gateway.app import Gateway
-from gateway.core import bills as svc
 from gateway.core.access import system_principal
+from gateway.core.billing import deliveries, lifecycle
 from gateway.core.clock import FrozenClock
 from gateway.core.db import transaction
 from gateway.core.models import Bill, Delivery, DeliveryStatus, ExternalMapping
 from gateway.core.settings import ConnectionSettings, OutboxSettings, Settings
 from gateway.errors import Conflict, NotFound
-from gateway.plugins import get_plugin_manager
 from gateway.plugins.halopsa.client import HaloPsaAdapter
 from gateway.plugins.halopsa.simulator import FAULTS, STATE, create_app
 from gateway.sync import outbox
-from psa_world import BILLED_AT, Recorder, build_world, halo_connection, logging_restored, write_config
 
 CONNECTION = "halo"
 NOW = datetime(2026, 4, 1, 2, 0, tzinfo=BILLED_AT.tzinfo)
@@ -61,9 +68,7 @@ def gateway(db_engine, db, sim, recorder) -> Gateway:
         connections=[ConnectionSettings(**halo_connection(CONNECTION, url))],
         outbox=OutboxSettings(base_delay_seconds=30, max_delay_seconds=600, claim_seconds=300, max_attempts=3),
     )
-    return Gateway(settings=settings, engine=db_engine, db=db,
-                   plugins=get_plugin_manager(extra_plugins=[recorder], load_entry_points=False),
-                   clock=FrozenClock(NOW))
+    return make_gateway(db_engine, FrozenClock(NOW), recorder, settings=settings, db=db)
 
 
 @pytest.fixture
@@ -113,11 +118,11 @@ async def test_g2_a_finalised_bill_is_pushed_once_and_recorded_with_the_psa_id(d
     app, _ = sim
     world = build_world(db, customers=1, psa={CONNECTION: [str(clients(app)[0])]}, issue=False)
     # A draft has no delivery yet: nothing to push.
-    assert (await outbox.deliver_round(gateway, "w1")).claimed == 0
+    assert (await outbox_round(gateway, "w1")).claimed == 0
     with transaction(db) as s:
-        svc.finalize_bill(s, system_principal(world.partner_id, "test"), world.bill_ids[0], now=NOW)
+        lifecycle.finalize_bill(s, system_principal(world.partner_id, "test"), world.bill_ids[0], now=NOW)
 
-    result = await outbox.deliver_round(gateway, "w1")
+    result = await outbox_round(gateway, "w1")
 
     assert (result.claimed, result.delivered, result.already_present, result.dead) == (1, 1, 0, 0)
     (invoice,) = gateway_invoices(app)
@@ -125,13 +130,13 @@ async def test_g2_a_finalised_bill_is_pushed_once_and_recorded_with_the_psa_id(d
     bill = bill_of(db, d)
     assert d.status == DeliveryStatus.DELIVERED and d.external_id == str(invoice["id"])
     assert (d.attempts, d.delivered_at, d.claimed_by, d.claimed_until, d.last_error) == (1, NOW, None, None, None)
-    assert d.key == svc.delivery_key(CONNECTION, bill)
+    assert d.key == deliveries.delivery_key(CONNECTION, bill)
     assert invoice["client_id"] == clients(app)[0] and invoice["order_number"] == bill.number
     assert invoice["reference"] == d.key and Decimal(str(invoice["total"])) == bill.total
     assert recorder.delivered == [(CONNECTION, d.key, PushResult(external_id=str(invoice["id"]), created=True))]
     # Delivered means done: a later round claims nothing and sends nothing.
     posts = app[STATE].requests[POSTS]
-    assert (await outbox.deliver_round(gateway, "w2")).claimed == 0
+    assert (await outbox_round(gateway, "w2")).claimed == 0
     assert app[STATE].requests[POSTS] == posts == 1
 
 
@@ -141,20 +146,20 @@ async def test_g2_a_push_repeated_after_a_crash_before_recording_finds_the_invoi
     app, _ = sim
     build_world(db, customers=1, psa={CONNECTION: [str(clients(app)[0])]})
     # Worker A claims and pushes, the PSA accepts, and A dies before it records anything.
-    ((delivery_id, _),) = outbox.claim_due(gateway, "worker-a", limit=10)
-    adapter = gateway.build_adapter(CONNECTION)
+    ((delivery_id, _),) = outbox.claim_due(gateway.db, gateway.clock, gateway.settings.outbox, "worker-a", limit=10)
+    adapter = gateway.build_psa(CONNECTION)
     try:
         with db() as s:
-            first = await adapter.push_bill(svc.bill_document(s, s.get(Delivery, delivery_id)))
+            first = await adapter.push_bill(deliveries.bill_document(s, s.get(Delivery, delivery_id)))
     finally:
         await adapter.aclose()
     assert first.created and len(gateway_invoices(app)) == 1
     assert delivery(db).status == DeliveryStatus.PENDING
     # While A's lease runs, nobody else takes the delivery.
-    assert (await outbox.deliver_round(gateway, "worker-b")).claimed == 0
+    assert (await outbox_round(gateway, "worker-b")).claimed == 0
     gateway.clock.advance(seconds=gateway.settings.outbox.claim_seconds + 1)
 
-    result = await outbox.deliver_round(gateway, "worker-b")
+    result = await outbox_round(gateway, "worker-b")
 
     assert (result.claimed, result.delivered, result.already_present) == (1, 0, 1)
     assert len(gateway_invoices(app)) == 1 and app[STATE].requests[POSTS] == 1
@@ -166,12 +171,12 @@ async def test_g2_a_push_repeated_after_a_crash_before_recording_finds_the_invoi
 async def test_g2_a_delivery_put_back_to_pending_is_recognised_and_not_sent_twice(db, gateway, sim, recorder):
     app, _ = sim
     build_world(db, customers=2, psa={CONNECTION: [str(c) for c in clients(app)[:2]]})
-    assert (await outbox.deliver_round(gateway, "w1")).delivered == 2
+    assert (await outbox_round(gateway, "w1")).delivered == 2
     before = {i["id"]: (i["reference"], i["total"]) for i in gateway_invoices(app)}
     with transaction(db) as s:  # as if the recording transaction had been lost
         s.execute(update(Delivery).values(status=DeliveryStatus.PENDING, external_id=None, delivered_at=None))
 
-    result = await outbox.deliver_round(gateway, "w2")
+    result = await outbox_round(gateway, "w2")
 
     assert (result.claimed, result.delivered, result.already_present) == (2, 0, 2)
     assert {i["id"]: (i["reference"], i["total"]) for i in gateway_invoices(app)} == before
@@ -197,7 +202,7 @@ async def test_g2_a_transient_failure_is_retried_with_back_off_and_its_state_is_
     else:
         app[FAULTS].fail(6, status=503)
 
-    result = await outbox.deliver_round(gateway, "w1", adapters=adapters)
+    result = await outbox_round(gateway, "w1", adapters=adapters)
 
     assert (result.claimed, result.failed, result.delivered, result.dead) == (1, 1, 0, 0)
     assert sum(app[STATE].requests.values()) - calls == 6  # the connector's own retries, then the outbox's
@@ -210,10 +215,10 @@ async def test_g2_a_transient_failure_is_retried_with_back_off_and_its_state_is_
     assert (d.claimed_by, d.claimed_until) == (None, None)
     assert gateway_invoices(app) == [] and recorder.notes == []
     # Not due yet: a round now leaves it alone.
-    assert (await outbox.deliver_round(gateway, "w1", adapters=adapters)).claimed == 0
+    assert (await outbox_round(gateway, "w1", adapters=adapters)).claimed == 0
     gateway.clock.set(d.next_attempt_at)
 
-    again = await outbox.deliver_round(gateway, "w1", adapters=adapters)
+    again = await outbox_round(gateway, "w1", adapters=adapters)
 
     assert again.delivered == 1
     d = delivery(db)
@@ -231,7 +236,7 @@ async def test_g2_back_off_grows_with_each_attempt_and_exhausted_retries_are_dea
     delays = []
     for attempt in range(1, settings.max_attempts + 1):
         app[FAULTS].fail(6, status=502)
-        result = await outbox.deliver_round(gateway, "w1", adapters=adapters)
+        result = await outbox_round(gateway, "w1", adapters=adapters)
         assert result.claimed == 1
         d = delivery(db)
         assert d.attempts == attempt and "HTTP 502" in d.last_error
@@ -248,47 +253,76 @@ async def test_g2_back_off_grows_with_each_attempt_and_exhausted_retries_are_dea
     assert payload["key"] == d.key and payload["attempts"] == settings.max_attempts and "HTTP 502" in payload["error"]
     # Dead means out of the queue, however much time passes.
     gateway.clock.advance(days=30)
-    assert (await outbox.deliver_round(gateway, "w1", adapters=adapters)).claimed == 0
+    assert (await outbox_round(gateway, "w1", adapters=adapters)).claimed == 0
 
 
-async def test_g2_a_permanent_failure_is_dead_lettered_at_once_notified_listed_and_retried_by_hand(
-    db, db_engine, gateway, sim, recorder, tmp_path, capsys, keep_logging
-):
-    app, url = sim
-    missing_client = max(clients(app)) + 100  # the customer is mapped to a client HaloPSA does not have
+async def dead_lettered(db, gateway, app) -> Delivery:
+    """One bill for a customer mapped to a client HaloPSA does not have, after one outbox round."""
+    missing_client = max(clients(app)) + 100
     build_world(db, customers=1, psa={CONNECTION: [str(missing_client)]})
-
-    result = await outbox.deliver_round(gateway, "w1")
-
+    result = await outbox_round(gateway, "w1")
     assert (result.claimed, result.dead, result.failed) == (1, 1, 0)
-    d = delivery(db)
+    return delivery(db)
+
+
+def cli_config(tmp_path, db_engine, url):
+    return write_config(tmp_path / "gateway.toml", database_url=db_engine.url.render_as_string(hide_password=False),
+                        sections={"logging": {"level": "error"}}, connections=[halo_connection(CONNECTION, url)])
+
+
+async def test_g2_a_permanent_failure_is_dead_lettered_at_once_and_nothing_is_delivered(db, gateway, sim, recorder):
+    app, _ = sim
+    d = await dead_lettered(db, gateway, app)
     assert (d.status, d.attempts) == (DeliveryStatus.DEAD, 1)
     assert "PermanentError" in d.last_error and "HTTP 400" in d.last_error and "valid Client" in d.last_error
-    assert recorder.notes == [("delivery.dead_lettered", {
-        "delivery_id": d.id, "connection": CONNECTION, "key": d.key, "attempts": 1, "error": d.last_error})]
     assert gateway_invoices(app) == [] and recorder.delivered == []
 
-    # `gateway deliveries list --status dead` shows it; `gateway deliveries retry ID` puts it back.
-    config = write_config(tmp_path / "gateway.toml", database_url=db_engine.url.render_as_string(hide_password=False),
-                          sections={"logging": {"level": "error"}}, connections=[halo_connection(CONNECTION, url)])
+
+async def test_g2_a_dead_lettered_delivery_is_notified_with_its_key_attempts_and_error(db, gateway, sim, recorder):
+    app, _ = sim
+    d = await dead_lettered(db, gateway, app)
+    assert recorder.notes == [("delivery.dead_lettered", {
+        "delivery_id": d.id, "connection": CONNECTION, "key": d.key, "attempts": 1, "error": d.last_error})]
+
+
+async def test_g2_deliveries_list_shows_a_dead_delivery_with_its_error(
+    db, db_engine, gateway, sim, tmp_path, capsys, keep_logging
+):
+    app, url = sim
+    d = await dead_lettered(db, gateway, app)
+    config = cli_config(tmp_path, db_engine, url)
     capsys.readouterr()
     assert cli.main(["--config", str(config), "deliveries", "list", "--status", "dead", "--json"]) == 0
     (listed,) = json.loads(capsys.readouterr().out)
     assert (listed["id"], listed["key"], listed["status"], listed["last_error"]) == (d.id, d.key, "dead", d.last_error)
+
+
+async def test_g2_a_dead_delivery_retried_by_hand_after_its_mapping_is_fixed_is_delivered(
+    db, db_engine, gateway, sim, tmp_path, capsys, keep_logging
+):
+    app, url = sim
+    d = await dead_lettered(db, gateway, app)
+    config = cli_config(tmp_path, db_engine, url)
     with transaction(db) as s:  # the person fixes the mapping first
         s.execute(update(ExternalMapping).values(external_id=str(clients(app)[0])))
+    capsys.readouterr()
     assert cli.main(["--config", str(config), "deliveries", "retry", str(d.id)]) == 0
     assert f"delivery {d.id} ({d.key}) queued again" in capsys.readouterr().out
     requeued = delivery(db)
     assert (requeued.status, requeued.attempts) == (DeliveryStatus.PENDING, 0)
     gateway.clock.set(requeued.next_attempt_at)  # the CLI queued it for its own (real) now
 
-    assert (await outbox.deliver_round(gateway, "w1")).delivered == 1
+    assert (await outbox_round(gateway, "w1")).delivered == 1
     (invoice,) = gateway_invoices(app)
     assert delivery(db).external_id == str(invoice["id"]) and invoice["client_id"] == clients(app)[0]
-    # Only dead deliveries are retried by hand; an unknown id is said to be unknown.
+
+
+async def test_g2_only_a_dead_delivery_is_retried_by_hand_and_an_unknown_id_is_not_found(db, gateway, sim):
+    app, _ = sim
+    build_world(db, customers=1, psa={CONNECTION: [str(clients(app)[0])]})
+    assert (await outbox_round(gateway, "w1")).delivered == 1
     with pytest.raises(Conflict, match="not dead"), transaction(db) as s:
-        outbox.retry_dead(s, d.id, NOW)
+        outbox.retry_dead(s, delivery(db).id, NOW)
     with pytest.raises(NotFound, match="no delivery with id 999"), transaction(db) as s:
         outbox.retry_dead(s, 999, NOW)
 
@@ -303,7 +337,7 @@ async def test_g2_a_bill_whose_customer_lost_its_psa_mapping_is_dead_lettered_wi
         s.execute(update(ExternalMapping).where(ExternalMapping.customer_id == bill_of(db, delivery(db, first)).customer_id)
                   .values(customer_id=None))
 
-    result = await outbox.deliver_round(gateway, "w1")
+    result = await outbox_round(gateway, "w1")
 
     # The other bill of the batch is delivered; the unmapped one is dead-lettered, not left leased.
     assert (result.claimed, result.delivered, result.dead) == (2, 1, 1)
@@ -328,7 +362,7 @@ async def test_g2_an_answer_the_adapter_cannot_read_is_a_failed_attempt_not_a_st
     state.invoices["x1"] = {"id": "x1", "client_id": client, "reference": key, "lines": [], "total": 0.0,
                             "internal_note": f"gateway-bill key={key} period=2026-03-01/2026-03-31 devices=1"}
 
-    result = await outbox.deliver_round(gateway, "w1")
+    result = await outbox_round(gateway, "w1")
 
     assert (result.claimed, result.delivered, result.failed) == (2, 1, 1)
     stuck = delivery(db)
@@ -354,7 +388,7 @@ async def test_g2_a_worker_whose_lease_expired_cannot_overwrite_the_new_owners_r
     adapter_a = HaloPsaAdapter(stale, AdapterContext(clock=gateway.clock))
     app[FAULTS].slow(1, seconds=1.0)
     try:
-        task_a = asyncio.create_task(outbox.deliver_round(gateway, "worker-a", adapters={CONNECTION: adapter_a}))
+        task_a = asyncio.create_task(outbox_round(gateway, "worker-a", adapters={CONNECTION: adapter_a}))
         for _ in range(200):
             await asyncio.sleep(0.01)
             if app[FAULTS].pending == 0 and delivery(db).claimed_by == "worker-a":
@@ -362,7 +396,7 @@ async def test_g2_a_worker_whose_lease_expired_cannot_overwrite_the_new_owners_r
         assert delivery(db).claimed_by == "worker-a" and not task_a.done()
         gateway.clock.advance(seconds=gateway.settings.outbox.claim_seconds + 1)
 
-        result_b = await outbox.deliver_round(gateway, "worker-b")
+        result_b = await outbox_round(gateway, "worker-b")
         assert result_b.delivered == 1
         result_a = await task_a
     finally:
@@ -388,7 +422,7 @@ async def test_g2_refused_credentials_retry_with_back_off_instead_of_dead_letter
                                                                                       "client_secret": "rotated"}})
     adapter = HaloPsaAdapter(wrong, AdapterContext(clock=gateway.clock))
     try:
-        result = await outbox.deliver_round(gateway, "w1", adapters={CONNECTION: adapter})
+        result = await outbox_round(gateway, "w1", adapters={CONNECTION: adapter})
     finally:
         await adapter.aclose()
     d = delivery(db)
@@ -397,14 +431,14 @@ async def test_g2_refused_credentials_retry_with_back_off_instead_of_dead_letter
     assert "rotated" not in d.last_error
     # With the credentials fixed, the waiting bill goes through without anyone retrying it by hand.
     gateway.clock.set(d.next_attempt_at)
-    assert (await outbox.deliver_round(gateway, "w1")).delivered == 1
+    assert (await outbox_round(gateway, "w1")).delivered == 1
 
 
 async def test_g2_a_slow_push_keeps_its_lease_so_no_other_worker_takes_it_over(db, gateway, sim):
     app, _ = sim
     build_world(db, customers=1, psa={CONNECTION: [str(clients(app)[0])]})
     gateway.settings.outbox.claim_seconds = 0.6  # renewed every 0.2 s while the push runs
-    real = gateway.build_adapter(CONNECTION)
+    real = gateway.build_psa(CONNECTION)
     release = asyncio.Event()
 
     class Slow:
@@ -415,12 +449,12 @@ async def test_g2_a_slow_push_keeps_its_lease_so_no_other_worker_takes_it_over(d
         async def aclose(self):
             await real.aclose()
 
-    pushing = asyncio.create_task(outbox.deliver_round(gateway, "slow", adapters={CONNECTION: Slow()}))
+    pushing = asyncio.create_task(outbox_round(gateway, "slow", adapters={CONNECTION: Slow()}))
     for _ in range(9):  # time passes on both clocks, well past the first lease (NOW + 0.6 s)
         await asyncio.sleep(0.1)
         gateway.clock.advance(seconds=0.1)
     assert gateway.clock.now() > NOW + timedelta(seconds=0.6)
-    assert outbox.claim_due(gateway, "other", limit=5) == []
+    assert outbox.claim_due(gateway.db, gateway.clock, gateway.settings.outbox, "other", limit=5) == []
     release.set()
     result = await pushing
     await real.aclose()
@@ -447,7 +481,7 @@ async def test_g2_one_customers_bills_go_to_a_psa_one_after_another(db, gateway,
     with db() as s:
         for d in s.scalars(select(Delivery)):
             customer_of[d.key] = s.get(Bill, d.bill_id).customer_id
-    real = gateway.build_adapter(CONNECTION)
+    real = gateway.build_psa(CONNECTION)
     active: dict[int, int] = {}
     overlap = []
 
@@ -465,7 +499,7 @@ async def test_g2_one_customers_bills_go_to_a_psa_one_after_another(db, gateway,
         async def aclose(self):
             await real.aclose()
 
-    result = await outbox.deliver_round(gateway, "w1", adapters={CONNECTION: Watching()})
+    result = await outbox_round(gateway, "w1", adapters={CONNECTION: Watching()})
     await real.aclose()
     assert result.delivered == 3 and max(overlap) == 1
 
@@ -494,7 +528,7 @@ async def test_g2_a_delivery_claimed_by_another_worker_while_it_waited_its_turn_
     build_world(db, customers=1, psa={CONNECTION: [str(clients(app)[0])]})
     add_twin_delivery(db)
     gateway.settings.outbox.claim_seconds = 0.6  # the first push's lease is renewed every 0.2 s
-    real = gateway.build_adapter(CONNECTION)
+    real = gateway.build_psa(CONNECTION)
     release = asyncio.Event()
     pushed_by_a: list[str] = []
 
@@ -507,18 +541,19 @@ async def test_g2_a_delivery_claimed_by_another_worker_while_it_waited_its_turn_
         async def aclose(self):
             pass
 
-    a = asyncio.create_task(outbox.deliver_round(gateway, "worker-a", adapters={CONNECTION: Slow()}))
+    a = asyncio.create_task(outbox_round(gateway, "worker-a", adapters={CONNECTION: Slow()}))
     for _ in range(9):
         await asyncio.sleep(0.1)
         gateway.clock.advance(seconds=0.1)
-    taken = outbox.claim_due(gateway, "worker-b", limit=5)  # only the waiting one had an expired lease
+    # only the waiting one had an expired lease
+    taken = outbox.claim_due(gateway.db, gateway.clock, gateway.settings.outbox, "worker-b", limit=5)
     assert [connection for _, connection in taken] == [CONNECTION] and len(pushed_by_a) == 1
     release.set()
     result_a = await a
     assert (result_a.claimed, result_a.delivered) == (2, 1) and len(pushed_by_a) == 1
     assert len(gateway_invoices(app)) == 1
     gateway.clock.advance(seconds=1)  # worker B's lease on it expires unused; any worker delivers it once
-    result = await outbox.deliver_round(gateway, "worker-c", adapters={CONNECTION: real})
+    result = await outbox_round(gateway, "worker-c", adapters={CONNECTION: real})
     await real.aclose()
     assert result.delivered == 1 and len(gateway_invoices(app)) == 2
     with db() as s:
@@ -533,7 +568,7 @@ async def test_g2_a_bug_while_building_the_document_costs_an_attempt_and_ends_de
         raise ZeroDivisionError("division by zero in a tax rule")
 
     for attempt in range(1, gateway.settings.outbox.max_attempts + 1):
-        result = await outbox.deliver_round(gateway, "w1", build=broken)
+        result = await outbox_round(gateway, "w1", build=broken)
         d = delivery(db)
         assert d.attempts == attempt and "ZeroDivisionError: division by zero in a tax rule" in d.last_error
         assert d.claimed_by is None  # released, not left leased

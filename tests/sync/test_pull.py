@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -341,7 +341,7 @@ async def test_m3_a_pull_resumed_from_a_stored_cursor_marks_no_device_removed(ni
 
 
 async def test_m5_s4_activity_is_one_row_per_device_per_customer_local_day(ninja, adapters, db, clock) -> None:
-    clock.set(datetime(2026, 3, 10, 11, 58, tzinfo=timezone.utc))  # 00:58 on 11 March in Auckland
+    clock.set(datetime(2026, 3, 10, 11, 58, tzinfo=UTC))  # 00:58 on 11 March in Auckland
     app, base_url = await ninja(organizations=2, devices=200)
     map_orgs(db, clock, "ninja", {"1": {"tz": "Pacific/Auckland"}, "2": {"tz": "America/Los_Angeles"}})
     adapter = adapters(base_url)
@@ -353,7 +353,7 @@ async def test_m5_s4_activity_is_one_row_per_device_per_customer_local_day(ninja
         assert len(rows) == 200
         for external_id, org, day in rows:
             sample = app[ninja_sim.STATE].device(int(external_id) - 1, clock.now())
-            contact = datetime.fromtimestamp(sample["lastContact"], tz=timezone.utc)
+            contact = datetime.fromtimestamp(sample["lastContact"], tz=UTC)
             assert day == contact.astimezone(zones[org]).date()
             differs += day != contact.date()
     assert differs > 50  # the customer's zone, not UTC, decided the day
@@ -389,7 +389,7 @@ async def test_pull_upserts_by_connection_and_external_id(ninja, adapters, db, c
         assert session.scalar(select(func.count()).select_from(Device)) == 180
         device = session.scalar(select(Device).where(Device.connection == "ninja", Device.external_id == "17"))
         sample = app[ninja_sim.STATE].device(16, clock.now())
-        assert device.last_contact == datetime.fromtimestamp(sample["lastContact"], tz=timezone.utc)
+        assert device.last_contact == datetime.fromtimestamp(sample["lastContact"], tz=UTC)
         assert device.hostname == sample["systemName"]
         assert device.online is not sample["offline"]
 

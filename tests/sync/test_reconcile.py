@@ -13,22 +13,7 @@ from datetime import date, datetime
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import select
-
-from gateway import cli
-from gateway.app import Gateway
-from gateway.core import bills as svc
-from gateway.core.access import system_principal
-from gateway.core.clock import FrozenClock
-from gateway.core.db import transaction
-from gateway.core.billing import month_period
-from gateway.core.models import Bill, BillingCycle, Customer, Delivery
-from gateway.core.settings import ConnectionSettings, OutboxSettings, Settings
-from gateway.plugins import get_plugin_manager
-from gateway.plugins.connectwise import simulator as cw_sim
-from gateway.plugins.halopsa import simulator as halo_sim
-from gateway.sync import outbox
-from gateway.sync.reconcile import Difference, reconcile
+from builders import make_gateway, write_config
 from psa_world import (
     BILLED_AT,
     Recorder,
@@ -37,8 +22,23 @@ from psa_world import (
     connectwise_connection,
     halo_connection,
     logging_restored,
-    write_config,
+    outbox_until_idle,
+    reconcile_gateway,
 )
+from sqlalchemy import select
+
+from gateway import cli
+from gateway.app import Gateway
+from gateway.core.access import system_principal
+from gateway.core.billing import lifecycle
+from gateway.core.billing.rules import month_period
+from gateway.core.clock import FrozenClock
+from gateway.core.db import transaction
+from gateway.core.models import Bill, BillingCycle, Customer, Delivery
+from gateway.core.settings import ConnectionSettings, OutboxSettings, Settings
+from gateway.plugins.connectwise import simulator as cw_sim
+from gateway.plugins.halopsa import simulator as halo_sim
+from gateway.sync.reconcile import Difference
 
 HALO, CW = "halo", "cw"
 MARCH = (date(2026, 3, 1), date(2026, 3, 31))
@@ -73,8 +73,7 @@ def recorder() -> Recorder:
 @pytest.fixture
 def gateway(db_engine, db, sims, recorder) -> Gateway:
     settings = Settings(connections=[ConnectionSettings(**c) for c in connections(sims)], outbox=OutboxSettings())
-    return Gateway(settings=settings, engine=db_engine, db=db,
-                   plugins=get_plugin_manager(extra_plugins=[recorder], load_entry_points=False), clock=FrozenClock(NOW))
+    return make_gateway(db_engine, FrozenClock(NOW), recorder, settings=settings, db=db)
 
 
 def company_ids(sims) -> dict[str, list[str]]:
@@ -107,11 +106,11 @@ async def test_g3_after_delivery_nothing_differs_and_every_difference_is_then_re
     with transaction(db) as s:
         for bill_id in world.bill_ids:
             if bill_id != late:
-                svc.finalize_bill(s, principal, bill_id, now=NOW)
-    done = await outbox.deliver_until_idle(gateway, "w1")
+                lifecycle.finalize_bill(s, principal, bill_id, now=NOW)
+    done = await outbox_until_idle(gateway, "w1")
     assert (done.delivered, done.dead, done.failed) == (2 * (MAPPED - 1), 0, 0)
 
-    report = await reconcile(gateway, *MARCH)
+    report = await reconcile_gateway(gateway, *MARCH)
 
     assert report.clean and report.differences == [] and report.errors == []
     assert (report.checked, report.matched) == (2 * (MAPPED - 1), 2 * (MAPPED - 1))
@@ -151,10 +150,10 @@ async def test_g3_after_delivery_nothing_differs_and_every_difference_is_then_re
     }
     # 5. The draft is issued now: its deliveries are queued but not pushed yet.
     with transaction(db) as s:
-        svc.finalize_bill(s, principal, late, now=NOW)
+        lifecycle.finalize_bill(s, principal, late, now=NOW)
     pending = bills_by_customer(db)[f"Customer {MAPPED - 1:05d}"]
 
-    report = await reconcile(gateway, *MARCH)
+    report = await reconcile_gateway(gateway, *MARCH)
 
     devices = f"{pending.device_count} devices, {pending.total:.2f} USD"
     expected = {
@@ -197,10 +196,10 @@ async def test_g3_a_psa_that_cannot_be_read_is_reported_and_the_other_is_still_r
 ):
     ids = company_ids(sims)
     build_world(db, customers=2, psa={HALO: ids[HALO][:2], CW: ids[CW][:2]})
-    assert (await outbox.deliver_until_idle(gateway, "w1")).delivered == 4
+    assert (await outbox_until_idle(gateway, "w1")).delivered == 4
     sims[CW][0][cw_sim.STATE].private_key = "rotated"  # the ConnectWise API key was rotated on the ConnectWise side
 
-    report = await reconcile(gateway, *MARCH)
+    report = await reconcile_gateway(gateway, *MARCH)
 
     assert report.differences == [] and report.matched == 2
     (error,) = report.errors
@@ -226,25 +225,25 @@ async def test_g3_s2_a_quarterly_cycle_starting_in_the_month_matches_and_later_m
     gateway.clock.set(datetime(2026, 6, 1, 2, tzinfo=BILLED_AT.tzinfo))
     # ConnectWise additions hold one cycle at a time, so only HaloPSA (invoices) keeps every bill.
     gateway.settings.connections = [c for c in gateway.settings.connections if c.name == HALO]
-    assert (await outbox.deliver_until_idle(gateway, "w1")).delivered == 4
+    assert (await outbox_until_idle(gateway, "w1")).delivered == 4
 
-    march = await reconcile(gateway, *MARCH)
+    march = await reconcile_gateway(gateway, *MARCH)
 
     # March's cycles are the quarter and customer 1's March; April's and May's invoices are known keys.
     assert march.differences == [] and march.errors == [] and (march.checked, march.matched) == (2, 2)
-    april = await reconcile(gateway, date(2026, 4, 1), date(2026, 4, 30))
+    april = await reconcile_gateway(gateway, date(2026, 4, 1), date(2026, 4, 30))
     assert april.differences == [] and (april.checked, april.matched) == (1, 1)
 
 
 async def test_g3_a_voided_bill_still_in_the_psa_is_reported_until_it_is_removed_there(db, gateway, sims, recorder):
     ids = company_ids(sims)
     world = build_world(db, customers=2, psa={HALO: ids[HALO][:2], CW: ids[CW][:2]})
-    assert (await outbox.deliver_until_idle(gateway, "w1")).delivered == 4
+    assert (await outbox_until_idle(gateway, "w1")).delivered == 4
     with transaction(db) as s:
-        voided = svc.void_bill(s, system_principal(world.partner_id, "test"), world.bill_ids[0], now=NOW)
+        voided = lifecycle.void_bill(s, system_principal(world.partner_id, "test"), world.bill_ids[0], now=NOW)
         number, devices, total = voided.number, voided.device_count, voided.total
 
-    report = await reconcile(gateway, *MARCH)
+    report = await reconcile_gateway(gateway, *MARCH)
 
     held = f"{devices} x, {money(total)}"
     assert sorted((d.connection, d.kind, d.gateway_value, d.psa_value) for d in report.differences) == [
@@ -252,7 +251,7 @@ async def test_g3_a_voided_bill_still_in_the_psa_is_reported_until_it_is_removed
     assert (report.checked, report.matched) == (2, 2) and report.customers_without_psa == []
     halo_state = sims[HALO][0][halo_sim.STATE]
     del halo_state.invoices[_halo_invoice(halo_state, key_of(db, HALO, bills_by_customer(db)["Customer 00000"]))["id"]]
-    assert [(d.connection, d.kind) for d in (await reconcile(gateway, *MARCH)).differences] == [(CW, "void_in_psa")]
+    assert [(d.connection, d.kind) for d in (await reconcile_gateway(gateway, *MARCH)).differences] == [(CW, "void_in_psa")]
 
 
 async def test_g3_a_bill_held_twice_in_the_psa_is_reported_with_both_copies(
@@ -261,7 +260,7 @@ async def test_g3_a_bill_held_twice_in_the_psa_is_reported_with_both_copies(
     """One record per invoice or addition comes back; two with one key means the customer is billed twice."""
     ids = company_ids(sims)
     build_world(db, customers=2, psa={HALO: ids[HALO][:2], CW: ids[CW][:2]})
-    assert (await outbox.deliver_until_idle(gateway, "w1")).delivered == 4
+    assert (await outbox_until_idle(gateway, "w1")).delivered == 4
     bills = bills_by_customer(db)
     halo_state, cw_state = sims[HALO][0][halo_sim.STATE], sims[CW][0][cw_sim.STATE]
     # HaloPSA: a person copies customer 0's invoice (the same key, the same numbers).
@@ -278,7 +277,7 @@ async def test_g3_a_bill_held_twice_in_the_psa_is_reported_with_both_copies(
     extra["quantity"] = float(also_twice.device_count + 1)
     cw_state.additions[extra["id"]] = extra
 
-    report = await reconcile(gateway, *MARCH)
+    report = await reconcile_gateway(gateway, *MARCH)
 
     unit = also_twice.total / also_twice.device_count
     expected = [
@@ -311,12 +310,12 @@ async def test_g5_a_misconfigured_psa_connection_does_not_stop_reconciling_the_o
     """An Autotask connection without its required billing code cannot build its adapter; the others are still checked."""
     ids = company_ids(sims)
     build_world(db, customers=2, psa={HALO: ids[HALO][:2], CW: ids[CW][:2]})
-    assert (await outbox.deliver_until_idle(gateway, "w1")).delivered == 4
+    assert (await outbox_until_idle(gateway, "w1")).delivered == 4
     broken = autotask_connection("at", sims[HALO][1])
     del broken["options"]["billing_code_id"]  # charge delivery needs it
     gateway.settings.connections = [ConnectionSettings(**broken), *gateway.settings.connections]
 
-    report = await reconcile(gateway, *MARCH)
+    report = await reconcile_gateway(gateway, *MARCH)
 
     assert report.differences == [] and (report.checked, report.matched) == (4, 4)
     (error,) = report.errors

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-
 from gateway.sync.scheduler import Leadership, ScheduledJob, Scheduler
 
 
@@ -84,12 +82,9 @@ async def test_leader_keeps_leading_when_its_jobs_ask_at_once(postgres_engine):
 
 
 async def test_exclusive_job_runs_in_one_process_at_a_time(postgres_engine):
-    import asyncio
     import zlib
-    from types import SimpleNamespace
 
-    from gateway.daemon import exclusive
-    from gateway.sync.scheduler import AdvisoryLock
+    from gateway.sync.scheduler import AdvisoryLock, exclusive
 
     other = AdvisoryLock(postgres_engine, zlib.crc32(b"gateway-job:pull:x"))
     assert other.try_acquire()  # another process is pulling this connection
@@ -98,7 +93,7 @@ async def test_exclusive_job_runs_in_one_process_at_a_time(postgres_engine):
     async def pull():
         ran.append(True)
 
-    guarded = exclusive(SimpleNamespace(engine=postgres_engine), "pull:x", pull)
+    guarded = exclusive(postgres_engine, "pull:x", pull)
     assert await guarded() == "running elsewhere" and ran == []
     other.release()
     await guarded()

@@ -12,13 +12,15 @@ import base64
 import hashlib
 import hmac
 import json
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import aiohttp
 import pytest
 from aiohttp import web
-from hypothesis import HealthCheck, given, settings, strategies as st
+from builders import client_for, make_gateway
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, insert, select
 
 from gateway.adapters import AdapterSpec
@@ -38,18 +40,17 @@ from gateway.core.models import (
     ReceivedWebhook,
     Workspace,
 )
-from gateway.core.settings import ConnectionSettings, Settings
+from gateway.core.settings import ConnectionSettings
 from gateway.errors import ConfigError
 from gateway.hookspecs import hookimpl
-from gateway.plugins import get_plugin_manager
 from gateway.sync.webhook_schemes import AutotaskWebhooks, ConnectWiseCallbacks, HaloPsaWebhooks, StandardWebhooks
 from gateway.sync.webhooks import (
     MAX_BODY_BYTES,
     WEBHOOK_RECEIVER,
-    WebhookPayloadError,
-    WebhookVerificationError,
     add_webhook_routes,
 )
+from gateway.web.metrics import Metrics  # what the daemon hands the receiver as its counters
+from gateway.webhook_contract import WebhookPayloadError, WebhookVerificationError
 
 SW_KEY = b"gateway-test-key-0123456789abcd"
 SW_SECRET = "whsec_" + base64.b64encode(SW_KEY).decode()
@@ -156,16 +157,14 @@ def connections(**overrides) -> list[ConnectionSettings]:
     return [ConnectionSettings(**row) for row in rows]
 
 
-def make_gateway(engine, clock, *plugins, conns=None) -> Gateway:
-    settings = Settings(connections=conns if conns is not None else connections())
-    manager = get_plugin_manager(extra_plugins=[HookTestKinds(), *plugins], load_entry_points=False)
-    return Gateway(settings=settings, engine=engine, db=gdb.session_factory(engine), plugins=manager, clock=clock)
+def webhook_gateway(engine, clock, *plugins, conns=None) -> Gateway:
+    """A gateway with the hook-test adapter kinds, ``plugins``, and this module's connections (or ``conns``)."""
+    return make_gateway(engine, clock, HookTestKinds(), *plugins,
+                        connections=conns if conns is not None else connections())
 
 
-async def client_for(aiohttp_client, gateway):
-    app = web.Application()
-    add_webhook_routes(app, gateway)
-    return await aiohttp_client(app)
+def webhook_routes(app: web.Application, gateway: Gateway) -> None:
+    add_webhook_routes(app, gateway, Metrics())
 
 
 def received(gateway) -> list[tuple[str, str]]:
@@ -185,17 +184,17 @@ def recorder():
 
 @pytest.fixture
 def gateway(db_engine, clock, recorder):
-    return make_gateway(db_engine, clock, recorder)
+    return webhook_gateway(db_engine, clock, recorder)
 
 
 @pytest.fixture
 async def client(aiohttp_client, gateway):
-    return await client_for(aiohttp_client, gateway)
+    return await client_for(aiohttp_client, gateway, webhook_routes)
 
 
 # --- the schemes on their own --------------------------------------------------------------------------------
 
-NOW = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
 
 def test_g4_standard_webhooks_accepts_the_specifications_test_vector():
@@ -205,7 +204,7 @@ def test_g4_standard_webhooks_accepts_the_specifications_test_vector():
         "webhook-timestamp": "1614265330",
         "webhook-signature": "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
     }
-    now = datetime.fromtimestamp(1614265330, tz=timezone.utc)
+    now = datetime.fromtimestamp(1614265330, tz=UTC)
     event = StandardWebhooks().verify(headers, b'{"test": 2432232314}', "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", now)
     assert event.id == "msg_p5jXN8AQM9LWM0D4loKWxJek"
     assert event.payload == {"test": 2432232314}
@@ -318,15 +317,15 @@ def _conn(**kwargs) -> ConnectionSettings:
     ],
 )
 def test_g4_webhook_settings_mistakes_are_start_up_errors_that_name_the_connection(sqlite_engine, clock, conn, message):
-    gateway = make_gateway(sqlite_engine, clock, conns=[conn])
+    gateway = webhook_gateway(sqlite_engine, clock, conns=[conn])
     with pytest.raises(ConfigError, match=message) as info:
-        add_webhook_routes(web.Application(), gateway)
+        add_webhook_routes(web.Application(), gateway, Metrics())
     assert "'x'" in str(info.value)
     assert "no-colon" not in str(info.value) and "whsec_!!" not in str(info.value)
 
 
 def test_g4_connection_uses_its_adapters_default_scheme(sqlite_engine, clock):
-    receiver = add_webhook_routes(web.Application(), make_gateway(sqlite_engine, clock))
+    receiver = add_webhook_routes(web.Application(), webhook_gateway(sqlite_engine, clock), Metrics())
     assert receiver.endpoints["rmm"].scheme_name == "standard-webhooks"
     assert set(receiver.endpoints) == {"rmm", "cw", "at", "halo"}  # "quiet" has no secret, "off" is disabled
 
@@ -427,8 +426,8 @@ async def test_g5_raising_plugin_neither_undoes_nor_blocks_the_others_and_gets_t
     aiohttp_client, db_engine, clock
 ):
     good, bad = Recorder(), Faulty()
-    gateway = make_gateway(db_engine, clock, good, bad)
-    client = await client_for(aiohttp_client, gateway)
+    gateway = webhook_gateway(db_engine, clock, good, bad)
+    client = await client_for(aiohttp_client, gateway, webhook_routes)
     body = b'{"type":"ping"}'
 
     first = await client.post("/webhooks/rmm", data=body, headers=sw_headers(body, ts_of(clock), "msg_g5"))
@@ -472,9 +471,9 @@ async def test_g5_a_handler_that_hangs_is_cancelled_and_the_receiver_goes_on(aio
     """The webhook writer is one task: a handler that never returns would hold every later event (and, on
     SQLite, the write lock). It is cancelled after the hook time limit, reported, and its writes undone."""
     good, stuck = Recorder(), Hanging()
-    gateway = make_gateway(db_engine, clock, good, stuck)
+    gateway = webhook_gateway(db_engine, clock, good, stuck)
     gateway.plugins.hook_timeout_seconds = 0.2
-    client = await client_for(aiohttp_client, gateway)
+    client = await client_for(aiohttp_client, gateway, webhook_routes)
     body = b'{"type":"ping"}'
 
     first = await asyncio.wait_for(
@@ -493,7 +492,7 @@ async def test_g5_a_handler_that_hangs_is_cancelled_and_the_receiver_goes_on(aio
 
 async def test_g4_database_down_is_503_and_retryable(aiohttp_client, tmp_path, clock):
     engine = gdb.make_engine(f"sqlite:///{tmp_path / 'missing' / 'dir' / 'gateway.db'}")
-    client = await client_for(aiohttp_client, make_gateway(engine, clock))
+    client = await client_for(aiohttp_client, webhook_gateway(engine, clock), webhook_routes)
     body = b"{}"
     response = await client.post("/webhooks/rmm", data=body, headers=sw_headers(body, ts_of(clock)))
     assert response.status == 503 and response.headers["Retry-After"] == "5"
@@ -550,11 +549,11 @@ async def _until(condition, seconds=10.0):
 async def _batched(aiohttp_client, db_engine, clock, sends):
     """Post ``sends`` ((msg_id, do) pairs) so that all of them are written in one transaction; the responses."""
     plugin = Scripted()
-    gateway = make_gateway(db_engine, clock, plugin)
+    gateway = webhook_gateway(db_engine, clock, plugin)
     gateway.plugins.pm.unregister(name="gateway.sync.webhook_handlers")  # Scripted is the only handler
     with gdb.transaction(gateway.db) as s:
         s.add(ConnectionState(connection="taken", updated_at=NOW))
-    client = await client_for(aiohttp_client, gateway)
+    client = await client_for(aiohttp_client, gateway, webhook_routes)
     receiver = client.app[WEBHOOK_RECEIVER]
 
     async def post(msg_id, do):
@@ -649,7 +648,7 @@ async def test_g4_device_online_updates_the_device_and_records_the_customer_loca
     await _send(client, clock, "rmm", late, "msg_late")
     with gateway.db() as s:
         device = s.get(Device, device_id)
-        assert device.online is False and device.last_contact == datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
+        assert device.online is False and device.last_contact == datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
         assert s.scalars(select(DeviceActivity.day).order_by(DeviceActivity.day)).all() == [
             date(2026, 3, 9), date(2026, 3, 11)
         ]
@@ -695,7 +694,7 @@ async def test_g4_invoice_paid_in_the_psa_marks_the_bill_paid(client, gateway, c
     with gateway.db() as s:
         bill = s.get(Bill, bill_id)
         assert bill.status == BillStatus.PAID
-        assert bill.paid_at == datetime(2026, 3, 9, 14, 30, tzinfo=timezone.utc)
+        assert bill.paid_at == datetime(2026, 3, 9, 14, 30, tzinfo=UTC)
 
 
 async def test_g4_invoice_paid_does_not_revive_a_void_bill(client, gateway, clock):
@@ -770,6 +769,7 @@ def random_requests(draw):
     return f"/webhooks/{connection}", headers, draw(bodies)
 
 
+@pytest.mark.slow
 @settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(sent=st.one_of(random_requests(), near_misses()))
 async def test_g4_fuzzed_requests_never_get_5xx_and_never_store_anything(client, gateway, recorder, sent):
@@ -792,9 +792,9 @@ async def test_g4_fuzzed_requests_never_get_5xx_and_never_store_anything(client,
 
 async def test_g4_a_lone_raising_handler_leaves_no_trace_and_the_retry_is_processed(aiohttp_client, db_engine, clock):
     bad = Faulty()
-    gateway = make_gateway(db_engine, clock, bad)
+    gateway = webhook_gateway(db_engine, clock, bad)
     gateway.plugins.pm.unregister(name="gateway.sync.webhook_handlers")  # the faulty plugin is the only handler
-    client = await client_for(aiohttp_client, gateway)
+    client = await client_for(aiohttp_client, gateway, webhook_routes)
     body = b'{"type":"ping"}'
     failed = await client.post("/webhooks/rmm", data=body, headers=sw_headers(body, ts_of(clock), "msg_lone"))
     assert failed.status == 500
@@ -811,7 +811,8 @@ class TokenScheme:
     name = "test-token"
 
     def verify(self, headers, raw_body, secret, now):
-        from gateway.sync.webhooks import WebhookEvent, body_event_id, ci_headers, constant_time_equal, parse_json
+        from gateway import WebhookEvent
+        from gateway.sync.webhooks import body_event_id, ci_headers, constant_time_equal, parse_json
 
         if not constant_time_equal(ci_headers(headers).get("x-token", ""), secret):
             raise WebhookVerificationError("x-token is wrong")
@@ -831,8 +832,8 @@ async def test_g4_a_plugin_adds_a_scheme_through_the_hook(aiohttp_client, db_eng
     recorder = Recorder()
     conns = [ConnectionSettings(name="tok", plugin="hooktest-psa", base_url="https://t.example",
                                 webhook_scheme="test-token", webhook_secret="s3cret-token")]
-    gateway = make_gateway(db_engine, clock, TokenSchemePlugin(), recorder, conns=conns)
-    client = await client_for(aiohttp_client, gateway)
+    gateway = webhook_gateway(db_engine, clock, TokenSchemePlugin(), recorder, conns=conns)
+    client = await client_for(aiohttp_client, gateway, webhook_routes)
     body = b'{"type":"x"}'
     headers = {"Content-Type": "application/json"}
     assert (await client.post("/webhooks/tok", data=body, headers={**headers, "x-token": "nope"})).status == 401
@@ -841,6 +842,6 @@ async def test_g4_a_plugin_adds_a_scheme_through_the_hook(aiohttp_client, db_eng
 
 
 def test_g4_two_plugins_providing_one_scheme_name_is_a_start_up_error(sqlite_engine, clock):
-    gateway = make_gateway(sqlite_engine, clock, TokenSchemePlugin("halopsa"))
+    gateway = webhook_gateway(sqlite_engine, clock, TokenSchemePlugin("halopsa"))
     with pytest.raises(ConfigError, match="webhook scheme 'halopsa' is provided by both plugin"):
-        add_webhook_routes(web.Application(), gateway)
+        add_webhook_routes(web.Application(), gateway, Metrics())

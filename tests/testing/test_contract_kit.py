@@ -14,6 +14,8 @@ import textwrap
 from pathlib import Path
 from xml.etree import ElementTree
 
+import pytest
+
 BROKEN_ADAPTERS = '''
 import dataclasses
 from datetime import date
@@ -139,6 +141,7 @@ def run_kit(tmp_path: Path) -> dict[str, str]:
     return outcomes
 
 
+@pytest.mark.slow  # a pytest of its own in a subprocess: about 5 s
 def test_g1_g2_g3_g5_the_kit_fails_each_broken_adapter_on_the_rule_it_breaks(tmp_path):
     outcomes = run_kit(tmp_path)
     failed = {name for name, outcome in outcomes.items() if outcome == "failed"}

@@ -8,7 +8,6 @@ from aiohttp import web
 
 from gateway.testing.proxy import FaultProxy
 
-
 POSTS = web.AppKey("posts", list)
 
 

@@ -8,17 +8,17 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 
 import pytest
+from builders import make_gateway
 from openapi_spec_validator import validate
 from pypdf import PdfReader
 
 from gateway.app import Gateway
 from gateway.core import db as gdb
 from gateway.core.models import Customer, Device, DeviceActivity, Partner, UserRole, Workspace
-from gateway.core.settings import MailSettings, Settings
-from gateway.plugins import get_plugin_manager
+from gateway.core.settings import MailSettings
+from gateway.core.users import create_token, create_user
 from gateway.web import billing as billing_routes
 from gateway.web.app import create_app
-from gateway.core.users import create_token, create_user
 
 MAIL = MailSettings(host="127.0.0.1", port=2525, from_address="billing@msp.example", starttls=False)
 
@@ -34,14 +34,9 @@ class Seed:
     globex_ws: int
 
 
-def make_gateway(db_engine, clock, mail: MailSettings = MAIL) -> Gateway:
-    return Gateway(settings=Settings(mail=mail), engine=db_engine, db=gdb.session_factory(db_engine),
-                   plugins=get_plugin_manager(load_entry_points=False), clock=clock)
-
-
 @pytest.fixture
 def gateway(db_engine, clock) -> Gateway:
-    return make_gateway(db_engine, clock)
+    return make_gateway(db_engine, clock, mail=MAIL)
 
 
 def seed_world(gateway: Gateway) -> Seed:
@@ -109,7 +104,9 @@ async def plan_with_bills(client, seed) -> dict:
 # --- the rules over HTTP ---------------------------------------------------------------------------
 
 
-async def test_s3_s7_plan_run_bill_documents_and_payment(client, seed, clock):
+async def march_with_a_price_change(client, seed, clock) -> dict:
+    """Acme on a 3.00 plan from 1 March, 4.00 from 16 March; the clock then at 1 April, 12:00 UTC (Berlin's March
+    is over). Returns the plan as the price change answered it."""
     plan = await call(client, "POST", "/plans", seed.admin, status=201,
                       json={"name": "Managed", "price_per_device": "3.00", "currency": "USD"})
     await call(client, "POST", "/associations", seed.admin, status=201, json={
@@ -118,36 +115,79 @@ async def test_s3_s7_plan_run_bill_documents_and_payment(client, seed, clock):
     clock.set(clock.now().replace(day=16))
     changed = await call(client, "POST", f"/plans/{plan['id']}/prices", seed.admin, status=200,
                          json={"price_per_device": "4.00"})
+    clock.set(clock.now() + timedelta(days=16))
+    return changed
+
+
+async def march_bill(client, seed, clock) -> dict:
+    """The bill of the March above, from a billing run for 2026-03."""
+    await march_with_a_price_change(client, seed, clock)
+    run = await call(client, "POST", "/billing/runs", seed.admin, json={"period": "2026-03"}, status=200)
+    (bill_id,) = run["bill_ids"]
+    return await call(client, "GET", f"/bills/{bill_id}", seed.admin, status=200)
+
+
+async def test_s7_a_new_price_takes_effect_from_the_day_it_is_set(client, seed, clock):
+    changed = await march_with_a_price_change(client, seed, clock)
     assert [p["effective_from"] for p in changed["prices"]] == [None, "2026-03-16"]
-    clock.set(clock.now() + timedelta(days=16))  # 1 April, 12:00 UTC: Berlin's March is over
+
+
+async def test_s7_a_cycle_with_a_price_change_is_billed_in_two_parts_prorated_by_days(client, seed, clock):
+    bill = await march_bill(client, seed, clock)
+    # 2 devices x 3.00 x 15/31 and 2 devices x 4.00 x 16/31, both parts on the bill.
+    assert [line["amount"] for line in bill["lines"]] == ["2.90", "4.13"] and bill["total"] == "7.03"
+
+
+async def test_s3_a_dry_run_shows_the_bills_but_stores_none_and_takes_no_number(client, seed, clock):
+    await march_with_a_price_change(client, seed, clock)
     preview = await call(client, "POST", "/billing/runs", seed.admin, json={"dry_run": True}, status=200)
     assert preview["bill_ids"] == [] and [b["number"] for b in preview["bills"]] == [None]
     assert (await call(client, "GET", "/bills", seed.admin, status=200))["total"] == 0
     run = await call(client, "POST", "/billing/runs", seed.admin, json={"period": "2026-03"}, status=200)
-    (bill_id,) = run["bill_ids"]
-    bill = await call(client, "GET", f"/bills/{bill_id}", seed.admin, status=200)
-    # S7: 2 devices x 3.00 x 15/31 and 2 devices x 4.00 x 16/31, both parts on the bill.
-    assert [line["amount"] for line in bill["lines"]] == ["2.90", "4.13"] and bill["total"] == "7.03"
+    assert [b["number"] for b in run["bills"]] == ["INV-2026-04-000001"]
+
+
+async def test_s3_an_issued_bill_shows_its_status_due_date_and_number(client, seed, clock):
+    bill = await march_bill(client, seed, clock)
     assert (bill["status"], bill["due_on"], bill["number"]) == ("issued", "2026-05-01", "INV-2026-04-000001")
+
+
+async def test_s3_a_cycle_already_billed_is_not_billed_again(client, seed, clock):
+    await march_bill(client, seed, clock)
     again = await call(client, "POST", "/billing/runs", seed.admin, json={"period": "2026-03"}, status=200)
     assert (again["bills"], again["already_billed"]) == ([], 1)
 
-    data, response = await call(client, "GET", f"/bills/{bill_id}/document?format=csv", seed.admin, status=200,
+
+async def test_s5_a_bill_downloads_as_csv_and_as_pdf(client, seed, clock):
+    bill = await march_bill(client, seed, clock)
+    data, response = await call(client, "GET", f"/bills/{bill['id']}/document?format=csv", seed.admin, status=200,
                                 raw=True)
     assert response.content_type == "text/csv" and bill["number"] in response.headers["Content-Disposition"]
     assert [row["amount"] for row in csv.DictReader(io.StringIO(data.decode()))] == ["2.90", "4.13"]
-    data, response = await call(client, "GET", f"/bills/{bill_id}/document", seed.admin, status=200, raw=True)
+    data, response = await call(client, "GET", f"/bills/{bill['id']}/document", seed.admin, status=200, raw=True)
     assert response.content_type == "application/pdf"
     assert "Total: 7.03 USD" in PdfReader(io.BytesIO(data)).pages[0].extract_text()
+
+
+async def test_s5_a_customers_consolidated_bill_lists_its_bills(client, seed, clock):
+    bill = await march_bill(client, seed, clock)
     data, _ = await call(client, "GET", f"/customers/{seed.acme}/consolidated-bill?format=pdf", seed.admin,
                          status=200, raw=True)
     assert bill["number"] in PdfReader(io.BytesIO(data)).pages[0].extract_text()
 
-    paid = await call(client, "POST", f"/bills/{bill_id}/paid", seed.admin, status=200)
+
+async def test_s3_a_paid_bill_shows_when_it_was_paid_and_can_no_longer_be_voided(client, seed, clock):
+    bill = await march_bill(client, seed, clock)
+    paid = await call(client, "POST", f"/bills/{bill['id']}/paid", seed.admin, status=200)
     assert paid["status"] == "paid" and paid["paid_at"] is not None
-    refused = await call(client, "POST", f"/bills/{bill_id}/void", seed.admin, status=409)
+    refused = await call(client, "POST", f"/bills/{bill['id']}/void", seed.admin, status=409)
     assert "paid and cannot change" in refused["error"]["message"]
-    credit = await call(client, "POST", f"/bills/{bill_id}/credit", seed.admin, status=201,
+
+
+async def test_s3_a_credit_on_a_paid_bill_waits_as_an_adjustment_for_the_next_bill(client, seed, clock):
+    bill = await march_bill(client, seed, clock)
+    await call(client, "POST", f"/bills/{bill['id']}/paid", seed.admin, status=200)
+    credit = await call(client, "POST", f"/bills/{bill['id']}/credit", seed.admin, status=201,
                         json={"amount": "1.00", "reason": "goodwill"})
     assert credit["amount"] == "-1.00" and credit["applied_to_bill_id"] is None
     pending = await call(client, "GET", f"/adjustments?customer_id={seed.acme}", seed.admin, status=200)
@@ -155,7 +195,7 @@ async def test_s3_s7_plan_run_bill_documents_and_payment(client, seed, clock):
 
 
 async def test_s2_association_without_mail_settings_is_refused_and_says_what_to_set(aiohttp_client, db_engine, clock):
-    gateway = make_gateway(db_engine, clock, MailSettings())
+    gateway = make_gateway(db_engine, clock, mail=MailSettings())
     seed = seed_world(gateway)
     client = await aiohttp_client(create_app(gateway))
     plan = await call(client, "POST", "/plans", seed.admin, status=201,
@@ -166,31 +206,81 @@ async def test_s2_association_without_mail_settings_is_refused_and_says_what_to_
     assert error["error"]["code"] == "mail_not_configured" and "GATEWAY_MAIL__HOST" in error["error"]["message"]
 
 
-async def test_m1_m2_m7_m8_monthly_billing_over_http(client, seed, clock):
+async def monthly_on_acme(client, seed) -> dict:
+    """Monthly billing enabled on 10 March (Berlin), Acme HQ's workspace on it (up to 5 devices); what enabling gave."""
     enabled = await call(client, "POST", "/billing/monthly", seed.admin, json={"timezone": "Europe/Berlin"}, status=201)
-    assert enabled["activation_bill"]["total"] == "10.00" and enabled["activation_bill"]["kind"] == "activation"
-    assert enabled["subscription"]["first_charge_on"] == "2026-05-01"
     await call(client, "POST", "/billing/monthly/workspaces", seed.admin, status=201,
                json={"workspace_id": seed.acme_ws, "max_devices": 5})
-    preview = await call(client, "POST", "/billing/monthly/cancel", seed.admin, json={}, status=200)
-    assert not preview["confirmed"] and preview["offered_end_dates"][0] == "2026-03-31"
-    assert [(w["workspace"], w["devices"]) for w in preview["workspaces"]] == [("Acme HQ", ["acme-0", "acme-1"])]
+    return enabled
+
+
+async def cancelled_at_end_of_april(client, seed) -> None:
+    await monthly_on_acme(client, seed)
     done = await call(client, "POST", "/billing/monthly/cancel", seed.admin, status=200,
                       json={"ends_on": "2026-04-30", "confirm": True})
     assert done["confirmed"]
+
+
+async def april_billed(client, seed, clock) -> dict:
+    """The billing run of 1 May, 12:00 UTC (April is billed) after the set-up above."""
+    await monthly_on_acme(client, seed)
+    clock.set(clock.now().replace(month=5, day=1))
+    return await call(client, "POST", "/billing/runs", seed.admin, json={}, status=200)
+
+
+async def test_m1_enabling_monthly_billing_issues_the_activation_bill_of_10(client, seed):
+    enabled = await monthly_on_acme(client, seed)
+    assert enabled["activation_bill"]["total"] == "10.00" and enabled["activation_bill"]["kind"] == "activation"
+
+
+async def test_m4_first_charge_after_first_full_month(client, seed):
+    enabled = await monthly_on_acme(client, seed)
+    assert enabled["subscription"]["first_charge_on"] == "2026-05-01"
+
+
+async def test_m8_cancelling_without_confirmation_offers_end_dates_and_lists_the_workspaces_and_devices(client, seed):
+    await monthly_on_acme(client, seed)
+    preview = await call(client, "POST", "/billing/monthly/cancel", seed.admin, json={}, status=200)
+    assert not preview["confirmed"] and preview["offered_end_dates"][0] == "2026-03-31"
+    assert [(w["workspace"], w["devices"]) for w in preview["workspaces"]] == [("Acme HQ", ["acme-0", "acme-1"])]
+
+
+async def test_m8_a_confirmed_cancellation_shows_its_end_and_final_billing_date(client, seed):
+    await cancelled_at_end_of_april(client, seed)
     status = await call(client, "GET", "/billing/monthly", seed.admin, status=200)
     assert (status["ends_on"], status["final_billing_date"]) == ("2026-04-30", "2026-05-01")
+
+
+async def test_m8_a_cancelled_subscription_can_be_reactivated_before_its_final_billing_date(client, seed, clock):
+    await cancelled_at_end_of_april(client, seed)
     await call(client, "POST", "/billing/monthly/reactivate", seed.admin, status=200)
     clock.set(clock.now().replace(month=5, day=1))  # 1 May, 12:00 UTC: April is billed
     run = await call(client, "POST", "/billing/runs", seed.admin, json={}, status=200)
     assert [(b["kind"], b["device_count"], b["total"]) for b in run["bills"]] == [("monthly", 2, "5.00")]
+
+
+async def test_m5_the_first_monthly_run_bills_the_devices_active_in_the_month(client, seed, clock):
+    run = await april_billed(client, seed, clock)
+    assert [(b["kind"], b["device_count"], b["total"]) for b in run["bills"]] == [("monthly", 2, "5.00")]
+
+
+async def test_m7_billing_history_lists_every_payment(client, seed, clock):
+    await april_billed(client, seed, clock)
     history = await call(client, "GET", "/billing/history", seed.admin, status=200)
     assert [(h["month"], h["kind"], h["total"]) for h in history["items"]] == [
         ("2026-04", "monthly", "5.0000"), ("2026-03", "activation", "10.0000")]
+
+
+async def test_m7_a_months_device_usage_downloads_as_csv_one_row_per_billed_device(client, seed, clock):
+    await april_billed(client, seed, clock)
     data, response = await call(client, "GET", "/billing/usage?period=2026-04", seed.admin, status=200, raw=True)
     assert response.content_type == "text/csv"
     assert [(r["device_id"], r["days_active"]) for r in csv.DictReader(io.StringIO(data.decode()))] == [
         ("Acme-0", "1"), ("Acme-1", "1")]
+
+
+async def test_m4_a_month_already_billed_is_not_billed_again(client, seed, clock):
+    await april_billed(client, seed, clock)
     again = await call(client, "POST", "/billing/runs", seed.admin, json={}, status=200)
     assert (again["bills"], again["already_billed"]) == ([], 1)
 

@@ -9,6 +9,7 @@ from datetime import date, timedelta
 from decimal import Decimal
 
 from aiohttp import web
+from builders import client_for, make_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway
@@ -24,8 +25,7 @@ from gateway.core.models import (
     Device,
     Partner,
 )
-from gateway.core.settings import ConnectionSettings, Settings
-from gateway.plugins import get_plugin_manager
+from gateway.core.settings import ConnectionSettings
 from gateway.sync.webhooks import add_webhook_routes
 from gateway.web.health import add_health_routes
 from gateway.web.metrics import Metrics, get_metrics
@@ -39,21 +39,13 @@ CONNECTIONS = [
 ]
 
 
-def make_gateway(engine, clock) -> Gateway:
-    return Gateway(
-        settings=Settings(connections=CONNECTIONS),
-        engine=engine,
-        db=gdb.session_factory(engine),
-        plugins=get_plugin_manager(load_entry_points=False),
-        clock=clock,
-    )
+def health_gateway(engine, clock) -> Gateway:
+    return make_gateway(engine, clock, connections=CONNECTIONS)
 
 
-async def client_for(aiohttp_client, gateway):
-    app = web.Application()
+def health_and_webhook_routes(app: web.Application, gateway: Gateway) -> None:
     add_health_routes(app, gateway)
-    add_webhook_routes(app, gateway)
-    return await aiohttp_client(app)
+    add_webhook_routes(app, gateway, get_metrics(gateway))
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -65,19 +57,19 @@ def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
 
 
 async def test_healthz_answers_while_the_process_lives(aiohttp_client, db_engine, clock):
-    client = await client_for(aiohttp_client, make_gateway(db_engine, clock))
+    client = await client_for(aiohttp_client, health_gateway(db_engine, clock), health_and_webhook_routes)
     response = await client.get("/healthz")
     assert (response.status, await response.json()) == (200, {"status": "ok"})
 
 
 async def test_g5_readyz_is_ready_with_a_current_schema_and_reports_each_connection(aiohttp_client, db_engine, clock):
-    gateway = make_gateway(db_engine, clock)
+    gateway = health_gateway(db_engine, clock)
     now = clock.now()
     with gdb.transaction(gateway.db) as s:
         s.add(ConnectionState(connection="ninja", last_success_at=now, consecutive_failures=0, updated_at=now))
         s.add(ConnectionState(connection="cw", last_success_at=now - timedelta(hours=2), consecutive_failures=3,
                               last_error="cw: 503 from the server", last_error_at=now, updated_at=now))
-    client = await client_for(aiohttp_client, gateway)
+    client = await client_for(aiohttp_client, gateway, health_and_webhook_routes)
     response = await client.get("/readyz")
     body = await response.json()
     # A failing tool does not make the gateway unready (G5): only the database does.
@@ -93,7 +85,7 @@ async def test_g5_readyz_is_ready_with_a_current_schema_and_reports_each_connect
 
 async def test_readyz_is_503_on_a_database_without_the_current_schema(aiohttp_client, tmp_path, clock):
     engine = gdb.make_engine(f"sqlite:///{tmp_path / 'blank.db'}")
-    client = await client_for(aiohttp_client, make_gateway(engine, clock))
+    client = await client_for(aiohttp_client, health_gateway(engine, clock), health_and_webhook_routes)
     response = await client.get("/readyz")
     body = await response.json()
     assert response.status == 503 and body["status"] == "not_ready"
@@ -104,7 +96,7 @@ async def test_readyz_is_503_on_a_database_without_the_current_schema(aiohttp_cl
 
 async def test_readyz_is_503_when_the_database_cannot_be_reached(aiohttp_client, tmp_path, clock):
     engine = gdb.make_engine(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}")
-    client = await client_for(aiohttp_client, make_gateway(engine, clock))
+    client = await client_for(aiohttp_client, health_gateway(engine, clock), health_and_webhook_routes)
     response = await client.get("/readyz")
     assert response.status == 503
     assert "cannot reach the database" in (await response.json())["database"]["error"]
@@ -141,9 +133,9 @@ def _seed(gateway, clock):
 
 
 async def test_metrics_text_parses_and_reports_stored_state_and_counted_events(aiohttp_client, db_engine, clock):
-    gateway = make_gateway(db_engine, clock)
+    gateway = health_gateway(db_engine, clock)
     _seed(gateway, clock)
-    client = await client_for(aiohttp_client, gateway)
+    client = await client_for(aiohttp_client, gateway, health_and_webhook_routes)
     body = b'{"Type":"invoice"}'
     signature = base64.b64encode(hmac.new(hashlib.sha256(b"cw-key").digest(), body, hashlib.sha256).digest()).decode()
     headers = {"Content-Type": "application/json", "x-content-signature": signature}
@@ -185,7 +177,7 @@ async def test_metrics_text_parses_and_reports_stored_state_and_counted_events(a
 
 async def test_metrics_still_answer_when_the_database_is_down(aiohttp_client, tmp_path, clock):
     engine = gdb.make_engine(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}")
-    client = await client_for(aiohttp_client, make_gateway(engine, clock))
+    client = await client_for(aiohttp_client, health_gateway(engine, clock), health_and_webhook_routes)
     response = await client.get("/metrics")
     samples = metric_samples(await response.text())
     assert response.status == 200 and samples[("gateway_database_up", ())] == 0

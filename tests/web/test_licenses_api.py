@@ -8,17 +8,17 @@ from decimal import Decimal
 
 import pytest
 from aiohttp import web
+from builders import make_gateway
 from openapi_spec_validator import validate
 from sqlalchemy import select
 
 from gateway.app import Gateway
 from gateway.core import db as gdb
 from gateway.core.models import ApiToken, Customer, Edition, LicenseType, Partner, UserRole, Workspace
-from gateway.core.settings import LicensingSettings, Settings
-from gateway.plugins import get_plugin_manager
+from gateway.core.settings import LicensingSettings
+from gateway.core.users import create_token, create_user, hash_token
 from gateway.web.api import Routes
 from gateway.web.app import create_app
-from gateway.core.users import create_token, create_user, hash_token
 
 PRICES = {"BUS": Decimal("30"), "ENT": Decimal("50")}
 
@@ -45,9 +45,7 @@ class Seed:
 
 @pytest.fixture
 def gateway(db_engine, clock) -> Gateway:
-    settings = Settings(licensing=LicensingSettings(prices=PRICES))
-    return Gateway(settings=settings, engine=db_engine, db=gdb.session_factory(db_engine),
-                   plugins=get_plugin_manager(load_entry_points=False), clock=clock)
+    return make_gateway(db_engine, clock, licensing=LicensingSettings(prices=PRICES))
 
 
 @pytest.fixture

@@ -1,14 +1,14 @@
 """initial schema
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-21 22:48:23.951773
 """
 
-from alembic import op
 import sqlalchemy as sa
-import gateway.core.models
+from alembic import op
 
+import gateway.core.models
 
 revision = '0001'
 down_revision = None
@@ -32,7 +32,8 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('code', sa.String(length=64), nullable=False),
     sa.Column('name', sa.String(length=200), nullable=False),
-    sa.Column('license_type', sa.Enum('computer', 'host', 'socket', 'user', 'administrator', name='licensetype', native_enum=False, length=32), nullable=False),
+    sa.Column('license_type', sa.Enum('computer', 'host', 'socket', 'user', 'administrator',
+        name='licensetype', native_enum=False, length=32), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_editions')),
     sa.UniqueConstraint('code', name=op.f('uq_editions_code'))
     )
@@ -166,7 +167,8 @@ def upgrade() -> None:
     sa.Column('currency', sa.String(length=3), nullable=False),
     sa.Column('device_count', sa.Integer(), nullable=False),
     sa.Column('total', gateway.core.models.Money(precision=18, scale=4), nullable=False),
-    sa.Column('status', sa.Enum('draft', 'issued', 'paid', 'overdue', 'void', name='billstatus', native_enum=False, length=32), nullable=False),
+    sa.Column('status', sa.Enum('draft', 'issued', 'paid', 'overdue', 'void',
+        name='billstatus', native_enum=False, length=32), nullable=False),
     sa.Column('issued_on', sa.Date(), nullable=False),
     sa.Column('due_on', sa.Date(), nullable=False),
     sa.Column('email', sa.String(length=320), nullable=True),
@@ -191,7 +193,8 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('plan_id', sa.Integer(), nullable=False),
     sa.Column('customer_id', sa.Integer(), nullable=False),
-    sa.Column('cycle', sa.Enum('monthly', 'quarterly', 'half-yearly', 'yearly', name='billingcycle', native_enum=False, length=32), nullable=False),
+    sa.Column('cycle', sa.Enum('monthly', 'quarterly', 'half-yearly', 'yearly',
+        name='billingcycle', native_enum=False, length=32), nullable=False),
     sa.Column('starts_on', sa.Date(), nullable=False),
     sa.Column('ends_on', sa.Date(), nullable=True),
     sa.Column('due_days', sa.Integer(), nullable=False),
@@ -210,7 +213,8 @@ def upgrade() -> None:
     sa.Column('plan_id', sa.Integer(), nullable=False),
     sa.Column('effective_from', sa.Date(), nullable=False),
     sa.Column('price_per_device', gateway.core.models.Money(precision=18, scale=4), nullable=False),
-    sa.ForeignKeyConstraint(['plan_id'], ['service_plans.id'], name=op.f('fk_service_plan_prices_plan_id_service_plans'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['plan_id'], ['service_plans.id'],
+        name=op.f('fk_service_plan_prices_plan_id_service_plans'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_service_plan_prices')),
     sa.UniqueConstraint('plan_id', 'effective_from', name=op.f('uq_service_plan_prices_plan_id_effective_from'))
     )
@@ -250,7 +254,8 @@ def upgrade() -> None:
     sa.Column('currency', sa.String(length=3), nullable=False),
     sa.Column('created_at', gateway.core.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('applied_to_bill_id', sa.Integer(), nullable=True),
-    sa.ForeignKeyConstraint(['applied_to_bill_id'], ['bills.id'], name=op.f('fk_adjustments_applied_to_bill_id_bills'), ondelete='SET NULL'),
+    sa.ForeignKeyConstraint(['applied_to_bill_id'], ['bills.id'],
+        name=op.f('fk_adjustments_applied_to_bill_id_bills'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_adjustments_customer_id_customers'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_adjustments'))
     )
@@ -339,8 +344,10 @@ def upgrade() -> None:
     sa.Column('auto_created', sa.Boolean(), nullable=False),
     sa.Column('first_seen_at', gateway.core.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('last_seen_at', gateway.core.models.UTCDateTime(timezone=True), nullable=False),
-    sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_external_mappings_customer_id_customers'), ondelete='SET NULL'),
-    sa.ForeignKeyConstraint(['workspace_id'], ['workspaces.id'], name=op.f('fk_external_mappings_workspace_id_workspaces'), ondelete='SET NULL'),
+    sa.ForeignKeyConstraint(['customer_id'], ['customers.id'],
+        name=op.f('fk_external_mappings_customer_id_customers'), ondelete='SET NULL'),
+    sa.ForeignKeyConstraint(['workspace_id'], ['workspaces.id'],
+        name=op.f('fk_external_mappings_workspace_id_workspaces'), ondelete='SET NULL'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_external_mappings')),
     sa.UniqueConstraint('connection', 'kind', 'external_id', name=op.f('uq_external_mappings_connection_kind_external_id'))
     )
@@ -349,7 +356,8 @@ def upgrade() -> None:
     sa.Column('key', sa.String(length=64), nullable=False),
     sa.Column('partner_id', sa.Integer(), nullable=False),
     sa.Column('edition_id', sa.Integer(), nullable=False),
-    sa.Column('license_type', sa.Enum('computer', 'host', 'socket', 'user', 'administrator', name='licensetype', native_enum=False, length=32), nullable=False),
+    sa.Column('license_type', sa.Enum('computer', 'host', 'socket', 'user', 'administrator',
+        name='licensetype', native_enum=False, length=32), nullable=False),
     sa.Column('seats', sa.Integer(), nullable=False),
     sa.Column('term_months', sa.Integer(), nullable=False),
     sa.Column('purchased_at', gateway.core.models.UTCDateTime(timezone=True), nullable=False),

@@ -9,7 +9,7 @@ import structlog
 
 from gateway.adapters import AdapterContext, BillDocument, PsaCompany, PsaRecord, PushResult
 from gateway.core.settings import ConnectionSettings
-from gateway.plugins import psa_common as common
+from gateway.plugins import psa_bills
 from gateway.plugins.autotask import protocol as p
 from gateway.sync.http import Connector, HttpResponse, RateLimit, StaticAuth
 
@@ -100,7 +100,7 @@ class AutotaskAdapter:
     async def _push_charges(self, bill: BillDocument) -> PushResult:
         present = p.lines_present(await self._all(p.charges_for_key_request(bill)), bill)
         ids = {line: int(row["id"]) for line, row in present.items()}
-        if len(present) < len(common.priced_lines(bill)):
+        if len(present) < len(psa_bills.priced_lines(bill)):
             contracts = await self._all(p.contracts_request(bill, recurring_only=False))
             contract_id = int(p.pick_contract(contracts, bill, recurring_only=False)["id"])
             for line, request in p.missing_charge_requests(bill, contract_id, present, self.config):
@@ -164,7 +164,7 @@ class AutotaskAdapter:
     async def _read_units(self, period_start: date, period_end: date) -> list[PsaRecord]:
         services = []
         for service in await self._all(p.marked_services_request()):
-            marker = common.marker_in_period(service.get("internalDescription"), period_start, period_end)
+            marker = psa_bills.marker_in_period(service.get("internalDescription"), period_start, period_end)
             if marker is not None:
                 services.append((service, marker))
         companies = await self._companies_of_contracts([int(s["contractID"]) for s, _ in services])

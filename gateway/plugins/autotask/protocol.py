@@ -43,8 +43,9 @@ from typing import Any
 
 from gateway.adapters import BillDocument, PsaCompany, PsaRecord
 from gateway.errors import ConfigError, PermanentError
-from gateway.plugins import psa_common as common
-from gateway.plugins.psa_common import Request
+from gateway.options import choice_option, int_option, refuse_unknown, url_option
+from gateway.plugins import psa_bills
+from gateway.plugins.sans_io import Request
 
 VENDOR = "Autotask"
 MAX_RECORDS = 500
@@ -68,18 +69,18 @@ class Config:
     page_size: int = MAX_RECORDS
 
     @classmethod
-    def from_options(cls, connection: str, options: Mapping[str, Any]) -> "Config":
+    def from_options(cls, connection: str, options: Mapping[str, Any]) -> Config:
         """Every bad option is a ConfigError naming the connection, the option and what it takes."""
-        common.refuse_unknown(connection, VENDOR, options, OPTIONS)
+        refuse_unknown(connection, VENDOR, options, OPTIONS)
         if options.get("delivery") == "invoice":
             raise ConfigError(
                 f"connection {connection!r}: Autotask does not let integrations create invoices over REST "
                 '(the Invoices entity is query/update only); use options.delivery = "charge" (contract charges '
                 'that Autotask invoices) or "contract_service" (units of a recurring service)'
             )
-        delivery = common.choice_option(connection, options, "delivery", DELIVERIES, "charge")
-        billing_code_id = common.int_option(connection, options, "billing_code_id", None)
-        service_id = common.int_option(connection, options, "service_id", None)
+        delivery = choice_option(connection, options, "delivery", DELIVERIES, "charge")
+        billing_code_id = int_option(connection, options, "billing_code_id", None)
+        service_id = int_option(connection, options, "service_id", None)
         if delivery == "charge" and billing_code_id is None:
             raise ConfigError(
                 f"connection {connection!r}: charge delivery needs options.billing_code_id, the id of the "
@@ -90,8 +91,8 @@ class Config:
                 f"connection {connection!r}: contract_service delivery needs options.service_id, the id of the "
                 "Autotask service whose units carry the device count"
             )
-        page_size = common.int_option(connection, options, "page_size", MAX_RECORDS, 1, MAX_RECORDS)
-        zone = common.url_option(connection, options, "zone_url", ZONE_URL_EXAMPLE)
+        page_size = int_option(connection, options, "page_size", MAX_RECORDS, 1, MAX_RECORDS)
+        zone = url_option(connection, options, "zone_url", ZONE_URL_EXAMPLE)
         return cls(delivery, billing_code_id, service_id, zone, page_size)
 
 
@@ -150,11 +151,11 @@ def created_item_id(body: Any, entity: str) -> int:
 
 
 def company_id(bill: BillDocument) -> int:
-    return common.company_id(bill, VENDOR)
+    return psa_bills.company_id(bill, VENDOR)
 
 
 def number(value: Any, what: str) -> Decimal:
-    return common.number(value, what, VENDOR)
+    return psa_bills.number(value, what, VENDOR)
 
 
 def _day(value: date) -> str:
@@ -192,14 +193,14 @@ def pick_contract(rows: Sequence[Mapping[str, Any]], bill: BillDocument, *, recu
 
 
 def charges_for_key_request(bill: BillDocument) -> Request:
-    return query_request("ContractCharges", [eq("internalPurchaseOrderNumber", common.reference_for(bill.key))])
+    return query_request("ContractCharges", [eq("internalPurchaseOrderNumber", psa_bills.reference_for(bill.key))])
 
 
 def charges_by_line(rows: Sequence[Mapping[str, Any]], bill: BillDocument) -> dict[int, list[Mapping[str, Any]]]:
     """The bill's charges grouped by line number, oldest (lowest id) first in each group."""
     groups: dict[int, list[Mapping[str, Any]]] = {}
     for row in sorted(rows, key=lambda r: int(r["id"])):
-        marker = common.parse_marker(row.get("description"))
+        marker = psa_bills.parse_marker(row.get("description"))
         if marker is not None and marker.key == bill.key:
             groups.setdefault(marker.line, []).append(row)
     return groups
@@ -213,7 +214,7 @@ def lines_present(rows: Sequence[Mapping[str, Any]], bill: BillDocument) -> dict
     """
     present = {}
     for line, group in charges_by_line(rows, bill).items():
-        common.refuse_duplicates(group, bill, "contract charges", VENDOR, part=f"line {line} of ")
+        psa_bills.refuse_duplicates(group, bill, "contract charges", VENDOR, part=f"line {line} of ")
         present[line] = group[0]
     return present
 
@@ -232,7 +233,7 @@ def missing_charge_requests(
 ) -> list[tuple[int, Request]]:
     """(line number, create request) for each bill line not yet in Autotask."""
     requests = []
-    for line, (description, quantity, price) in enumerate(common.priced_lines(bill), start=1):
+    for line, (description, quantity, price) in enumerate(psa_bills.priced_lines(bill), start=1):
         if line in present:
             continue
         requests.append((
@@ -243,14 +244,14 @@ def missing_charge_requests(
                 json={
                     "contractID": contract_id,
                     "name": description[:100],
-                    "description": f"{description}\n{common.marker_for(bill, line).render()}",
-                    "unitQuantity": common.json_number(quantity),
-                    "unitPrice": common.json_number(price),
+                    "description": f"{description}\n{psa_bills.marker_for(bill, line).render()}",
+                    "unitQuantity": psa_bills.json_number(quantity),
+                    "unitPrice": psa_bills.json_number(price),
                     "unitCost": 0,
                     "datePurchased": _day(bill.issued_on),
                     "billingCodeID": config.billing_code_id,
                     "isBillableToCompany": True,
-                    "internalPurchaseOrderNumber": common.reference_for(bill.key),
+                    "internalPurchaseOrderNumber": psa_bills.reference_for(bill.key),
                     "purchaseOrderNumber": bill.number[:PO_MAX],
                 },
             ),
@@ -263,7 +264,7 @@ def gateway_charges_request(period_start: date) -> Request:
     return query_request(
         "ContractCharges",
         [
-            {"op": "contains", "field": "description", "value": common.MARKER_PREFIX},
+            {"op": "contains", "field": "description", "value": psa_bills.MARKER_PREFIX},
             {"op": "gte", "field": "datePurchased", "value": _day(period_start)},
         ],
     )
@@ -273,17 +274,17 @@ def charge_records(
     rows: Sequence[Mapping[str, Any]], company_of_contract: Mapping[int, int], period_start: date, period_end: date
 ) -> list[PsaRecord]:
     """One record per bill key: the sum of all its charges' ``billableAmount``, duplicates included (G3 shows them)."""
-    grouped: dict[str, list[tuple[common.Marker, Mapping[str, Any]]]] = {}
+    grouped: dict[str, list[tuple[psa_bills.Marker, Mapping[str, Any]]]] = {}
     for row in rows:
-        if (marker := common.marker_in_period(row.get("description"), period_start, period_end)) is not None:
+        if (marker := psa_bills.marker_in_period(row.get("description"), period_start, period_end)) is not None:
             grouped.setdefault(marker.key, []).append((marker, row))
     records = []
-    for key, items in grouped.items():
+    for items in grouped.values():
         items.sort(key=lambda item: (item[0].line, int(item[1]["id"])))
         marker, first = items[0]
         amount = sum((number(row.get("billableAmount"), "charge billableAmount") for _, row in items), Decimal(0))
         company = company_of_contract.get(int(first.get("contractID") or 0))
-        records.append(common.bill_record(marker, company, first["id"], amount))
+        records.append(psa_bills.bill_record(marker, company, first["id"], amount))
     return records
 
 
@@ -318,8 +319,8 @@ def refuse_overwrite(service: Mapping[str, Any], bill: BillDocument) -> None:
 
     (An adjustment dated in the past changes every later period too.)
     """
-    common.refuse_overwrite(
-        common.parse_marker(service.get("internalDescription")),
+    psa_bills.refuse_overwrite(
+        psa_bills.parse_marker(service.get("internalDescription")),
         bill,
         f"Autotask contract service {service['id']}",
         'options.delivery = "charge" (contract charges per bill)',
@@ -335,7 +336,7 @@ def adjustment_request(contract_id: int, bill: BillDocument, current: int, confi
             "serviceID": config.service_id,
             "effectiveDate": _day(bill.period_start),
             "unitChange": bill.device_count - current,
-            "adjustedUnitPrice": common.json_number(common.unit_price_for(bill)),
+            "adjustedUnitPrice": psa_bills.json_number(psa_bills.unit_price_for(bill)),
         },
     )
 
@@ -344,22 +345,22 @@ def mark_service_request(contract_id: int, contract_service_id: int, bill: BillD
     return Request(
         "PATCH",
         f"Contracts/{contract_id}/Services",
-        json={"id": contract_service_id, "internalDescription": common.marker_for(bill).render()},
+        json={"id": contract_service_id, "internalDescription": psa_bills.marker_for(bill).render()},
     )
 
 
 def bill_services(rows: Sequence[Mapping[str, Any]], bill: BillDocument) -> list[Mapping[str, Any]]:
     """The contract services whose marker carries the bill's key, oldest first."""
-    return common.matching(rows, "internalDescription", bill.key)
+    return psa_bills.matching(rows, "internalDescription", bill.key)
 
 
 def marked_services_request() -> Request:
-    marked = {"op": "contains", "field": "internalDescription", "value": common.MARKER_PREFIX}
+    marked = {"op": "contains", "field": "internalDescription", "value": psa_bills.MARKER_PREFIX}
     return query_request("ContractServices", [marked])
 
 
 def service_record(service: Mapping[str, Any], units: int, price: Decimal, company: int | None) -> PsaRecord | None:
-    marker = common.parse_marker(service.get("internalDescription"))
+    marker = psa_bills.parse_marker(service.get("internalDescription"))
     if marker is None:
         return None
-    return common.bill_record(marker, company, service["id"], units * price, Decimal(units))
+    return psa_bills.bill_record(marker, company, service["id"], units * price, Decimal(units))

@@ -35,7 +35,7 @@ What it reproduces, and where that behaviour is described:
 
 Test hooks: ``app[STATE]`` (``companies``, ``contracts``, ``contract_services``, ``adjustments``,
 ``charges``, ``units_on(cs_id, day)``, ``requests``, ``throttled``, ``peak_threads``); ``app[FAULTS]``
-(a :class:`gateway.testing.simkit.Faults`) plans 429s (with or without Retry-After), 5xx, slow answers
+(a :class:`gateway.simulators.Faults`) plans 429s (with or without Retry-After), 5xx, slow answers
 and dropped connections at run time.
 """
 
@@ -54,7 +54,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.testing.simkit import Faults, RequestWindow, company_names
+from gateway.simulators import Faults, RequestWindow, company_names
 
 ROOT = "/atservicesrest/v1.0"
 
@@ -217,7 +217,7 @@ class _Invalid(Exception):
 # --- filters ----------------------------------------------------------------------------------
 
 
-def _lookup(item: dict[str, Any], name: str) -> tuple[bool, Any]:
+def _lookup(item: dict[str, Any], name: object) -> tuple[bool, Any]:
     for key, value in item.items():
         if key.lower() == str(name).lower():
             return True, value
@@ -575,7 +575,7 @@ async def update_contract_service(request: web.Request) -> web.Response:
         if cs is None or cs["contractID"] != contract["id"]:
             raise _Invalid(f"ContractService {body.get('id')} does not exist on contract {contract['id']}.")
         changes = {}
-        for name, value in body.items():
+        for name in body:
             if name.lower() == "id":
                 continue
             if name.lower() not in _SERVICE_UPDATABLE:

@@ -44,8 +44,9 @@ from urllib.parse import quote
 
 from gateway.adapters import BillDocument, PsaCompany, PsaRecord
 from gateway.errors import PermanentError
-from gateway.plugins import psa_common as common
-from gateway.plugins.psa_common import Request
+from gateway.options import choice_option, int_option, refuse_unknown, text_option
+from gateway.plugins import psa_bills
+from gateway.plugins.sans_io import Request
 
 VENDOR = "ConnectWise"
 API_PATH = "apis/3.0"
@@ -67,16 +68,16 @@ class Config:
     page_size: int = MAX_PAGE_SIZE
 
     @classmethod
-    def from_options(cls, connection: str, options: Mapping[str, Any]) -> "Config":
+    def from_options(cls, connection: str, options: Mapping[str, Any]) -> Config:
         """Every bad option is a ConfigError naming the connection, the option and what it takes."""
-        common.refuse_unknown(connection, VENDOR, options, OPTIONS)
+        refuse_unknown(connection, VENDOR, options, OPTIONS)
         return cls(
-            delivery=common.choice_option(connection, options, "delivery", DELIVERIES, "invoice"),
-            catalog_item=common.text_option(connection, options, "catalog_item", "MSP-DEVICE", example="MSP-DEVICE"),
-            agreement_type=common.text_option(connection, options, "agreement_type", example="Managed Services"),
-            invoice_type=common.text_option(connection, options, "invoice_type", "Standard", example="Standard"),
-            codebase=common.text_option(connection, options, "codebase", example="v4_6_release/"),
-            page_size=common.int_option(connection, options, "page_size", MAX_PAGE_SIZE, 1, MAX_PAGE_SIZE),
+            delivery=choice_option(connection, options, "delivery", DELIVERIES, "invoice"),
+            catalog_item=text_option(connection, options, "catalog_item", "MSP-DEVICE", example="MSP-DEVICE"),
+            agreement_type=text_option(connection, options, "agreement_type", example="Managed Services"),
+            invoice_type=text_option(connection, options, "invoice_type", "Standard", example="Standard"),
+            codebase=text_option(connection, options, "codebase", example="v4_6_release/"),
+            page_size=int_option(connection, options, "page_size", MAX_PAGE_SIZE, 1, MAX_PAGE_SIZE),
         )
 
 
@@ -159,27 +160,27 @@ def _day(value: date) -> str:
 
 
 def company_id(bill: BillDocument) -> int:
-    return common.company_id(bill, VENDOR)
+    return psa_bills.company_id(bill, VENDOR)
 
 
 def money(value: Any, what: str) -> Decimal:
-    return common.number(value, what, VENDOR)
+    return psa_bills.number(value, what, VENDOR)
 
 
 def find_invoice_request(bill: BillDocument) -> Request:
     return list_request(
         "finance/invoices",
-        conditions=f"reference = {quoted(common.reference_for(bill.key))} and company/id = {company_id(bill)}",
+        conditions=f"reference = {quoted(psa_bills.reference_for(bill.key))} and company/id = {company_id(bill)}",
     )
 
 
 def bill_invoices(rows: Sequence[Mapping[str, Any]], bill: BillDocument) -> list[Mapping[str, Any]]:
     """The invoices whose marker carries the bill's key, oldest first."""
-    return common.matching(rows, "internalNotes", bill.key)
+    return psa_bills.matching(rows, "internalNotes", bill.key)
 
 
 def refuse_duplicates(found: Sequence[Mapping[str, Any]], bill: BillDocument, what: str) -> None:
-    common.refuse_duplicates(found, bill, what, VENDOR)
+    psa_bills.refuse_duplicates(found, bill, what, VENDOR)
 
 
 def extras(rows: Sequence[Mapping[str, Any]], group: Callable[[Mapping[str, Any]], Any]) -> list[Mapping[str, Any]]:
@@ -206,11 +207,11 @@ def create_invoice_request(bill: BillDocument, config: Config) -> Request:
             "type": config.invoice_type,
             "company": {"id": company_id(bill)},
             "applyToType": "All",
-            "reference": common.reference_for(bill.key),
+            "reference": psa_bills.reference_for(bill.key),
             "customerPO": bill.number[:CUSTOMER_PO_MAX],
             "date": _day(bill.issued_on),
             "dueDate": _day(bill.due_on),
-            "internalNotes": common.marker_for(bill).render(),
+            "internalNotes": psa_bills.marker_for(bill).render(),
         },
     )
 
@@ -225,7 +226,7 @@ def missing_product_requests(
     """Product lines still to add to the invoice (all of them, or the rest after an interrupted push)."""
     have = {int(row.get("sequenceNumber") or 0) for row in existing}
     requests = []
-    for number, (description, quantity, price) in enumerate(common.priced_lines(bill), start=1):
+    for number, (description, quantity, price) in enumerate(psa_bills.priced_lines(bill), start=1):
         if number in have:
             continue
         requests.append(
@@ -236,8 +237,8 @@ def missing_product_requests(
                     "catalogItem": {"identifier": config.catalog_item},
                     "billableOption": "Billable",
                     "description": description[:2000],
-                    "quantity": common.json_number(quantity),
-                    "price": common.json_number(price),
+                    "quantity": psa_bills.json_number(quantity),
+                    "price": psa_bills.json_number(price),
                     "sequenceNumber": number,
                     "company": {"id": company_id(bill)},
                     "invoice": {"id": invoice_id},
@@ -259,7 +260,7 @@ def invoices_in_period_request(period_start: date) -> Request:
     # An invoice is issued on or after its cycle starts, so the date bound only trims.
     return list_request(
         "finance/invoices",
-        conditions=f'internalNotes like "{common.MARKER_PREFIX}%" and date >= [{_day(period_start)}]',
+        conditions=f'internalNotes like "{psa_bills.MARKER_PREFIX}%" and date >= [{_day(period_start)}]',
     )
 
 
@@ -269,11 +270,11 @@ def invoice_records(rows: Sequence[Mapping[str, Any]], period_start: date, perio
 
 
 def invoice_record(row: Mapping[str, Any], period_start: date = date.min, period_end: date = date.max) -> PsaRecord | None:
-    marker = common.marker_in_period(row.get("internalNotes"), period_start, period_end)
+    marker = psa_bills.marker_in_period(row.get("internalNotes"), period_start, period_end)
     if marker is None:
         return None
     company = (row.get("company") or {}).get("id")
-    return common.bill_record(marker, company, row["id"], money(row.get("total"), "invoice total"))
+    return psa_bills.bill_record(marker, company, row["id"], money(row.get("total"), "invoice total"))
 
 
 # --- addition delivery --------------------------------------------------------------------
@@ -311,13 +312,13 @@ def additions_request(agreement_id: int, config: Config) -> Request:
 def gateway_additions_request(agreement_id: int) -> Request:
     return list_request(
         f"finance/agreements/{agreement_id}/additions",
-        conditions=f'invoiceDescription like "%{common.MARKER_PREFIX}%"',
+        conditions=f'invoiceDescription like "%{psa_bills.MARKER_PREFIX}%"',
     )
 
 
 def bill_additions(rows: Sequence[Mapping[str, Any]], bill: BillDocument) -> list[Mapping[str, Any]]:
     """The additions whose marker carries the bill's key, oldest first."""
-    return common.matching(rows, "invoiceDescription", bill.key)
+    return psa_bills.matching(rows, "invoiceDescription", bill.key)
 
 
 def pick_addition(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -327,8 +328,8 @@ def pick_addition(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None
 
 def refuse_overwrite(addition: Mapping[str, Any], bill: BillDocument) -> None:
     """An addition holds one bill: not a second one for its cycle, nor one for an earlier cycle."""
-    common.refuse_overwrite(
-        common.parse_marker(addition.get("invoiceDescription")),
+    psa_bills.refuse_overwrite(
+        psa_bills.parse_marker(addition.get("invoiceDescription")),
         bill,
         f"ConnectWise agreement addition {addition['id']}",
         'options.delivery = "invoice" (one invoice per bill)',
@@ -336,7 +337,7 @@ def refuse_overwrite(addition: Mapping[str, Any], bill: BillDocument) -> None:
 
 
 def _addition_text(bill: BillDocument) -> str:
-    marker = common.marker_for(bill).render()
+    marker = psa_bills.marker_for(bill).render()
     return f"Managed devices {bill.period_start.isoformat()} to {bill.period_end.isoformat()}\n{marker}"
 
 
@@ -348,7 +349,7 @@ def create_addition_request(agreement_id: int, bill: BillDocument, config: Confi
             "product": {"identifier": config.catalog_item},
             "billCustomer": "Billable",
             "quantity": bill.device_count,
-            "unitPrice": common.json_number(common.unit_price_for(bill)),
+            "unitPrice": psa_bills.json_number(psa_bills.unit_price_for(bill)),
             "effectiveDate": _day(bill.period_start),
             "invoiceDescription": _addition_text(bill),
         },
@@ -362,7 +363,7 @@ def update_addition_request(agreement_id: int, addition_id: int, bill: BillDocum
         f"finance/agreements/{agreement_id}/additions/{addition_id}",
         json=[
             {"op": "replace", "path": "quantity", "value": bill.device_count},
-            {"op": "replace", "path": "unitPrice", "value": common.json_number(common.unit_price_for(bill))},
+            {"op": "replace", "path": "unitPrice", "value": psa_bills.json_number(psa_bills.unit_price_for(bill))},
             {"op": "replace", "path": "invoiceDescription", "value": _addition_text(bill)},
         ],
     )
@@ -376,13 +377,13 @@ def addition_record(
     row: Mapping[str, Any], agreement: Mapping[str, Any], period_start: date = date.min, period_end: date = date.max
 ) -> PsaRecord | None:
     """The record of a gateway addition whose (latest) cycle lies in the period, else None."""
-    marker = common.marker_in_period(row.get("invoiceDescription"), period_start, period_end)
+    marker = psa_bills.marker_in_period(row.get("invoiceDescription"), period_start, period_end)
     if marker is None or row.get("cancelledDate"):
         return None
     quantity = money(row.get("quantity"), "addition quantity")
     price = money(row.get("unitPrice"), "addition unit price")
     company = (agreement.get("company") or {}).get("id")
-    return common.bill_record(marker, company, row["id"], quantity * price, quantity)
+    return psa_bills.bill_record(marker, company, row["id"], quantity * price, quantity)
 
 
 def created_id(body: Any, what: str) -> int:

@@ -27,7 +27,7 @@ What it reproduces, and where that behaviour is described:
 
 Test hooks: ``app[STATE]`` holds everything (``companies``, ``agreements``, ``additions``,
 ``invoices``, ``products``, ``requests`` per route); ``app[FAULTS]`` (a
-:class:`gateway.testing.simkit.Faults`) plans failures at run time: 429 with or without
+:class:`gateway.simulators.Faults`) plans failures at run time: 429 with or without
 Retry-After, 5xx (a 500 says "Timeout expired", as ConnectWise's does), slow answers, dropped
 connections. Seeding is deterministic for a given ``seed_value``.
 """
@@ -40,14 +40,14 @@ import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
 
-from gateway.testing.simkit import Faults, RequestWindow, company_names
+from gateway.simulators import Faults, RequestWindow, company_names
 
 API_PREFIX = "/{codebase}/apis/3.0"
 
@@ -83,7 +83,7 @@ STATE = web.AppKey("connectwise_state", State)
 FAULTS = web.AppKey("connectwise_faults", Faults)
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def seed(state: State, *, companies: int, agreements: int | None, seed_value: int) -> None:
@@ -187,7 +187,7 @@ def _parse_date(value: str) -> datetime:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise _ConditionError(f"{value!r} is not a date") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _field(row: dict[str, Any], path: str) -> Any:

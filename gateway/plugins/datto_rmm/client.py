@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 
 from gateway.adapters import AdapterContext, DevicePage, RmmOrganization
 from gateway.errors import AuthError, PermanentError
+from gateway.options import int_option
 from gateway.plugins.datto_rmm import protocol
-from gateway.plugins.psa_common import int_option
-from gateway.plugins.rmm_common import naming
+from gateway.plugins.sans_io import naming_connection
 from gateway.sync.http import Connector, HttpResponse, OAuth2PasswordGrant
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -28,17 +28,17 @@ class DattoRmmAdapter:
         page: int | None = 0
         while page is not None:
             response = await self._get(protocol.SITES_PATH, protocol.page_params(page, self.page_size))
-            with naming(self.connector.name):
+            with naming_connection(self.connector.name):
                 found, page = protocol.parse_sites(response.json(), page)
             sites.extend(found)
         return sites
 
     async def fetch_devices(self, cursor: str | None = None) -> AsyncIterator[DevicePage]:
-        with naming(self.connector.name):
+        with naming_connection(self.connector.name):
             page = protocol.cursor_to_page(cursor)
         while True:
             response = await self._get(protocol.DEVICES_PATH, protocol.page_params(page, self.page_size))
-            with naming(self.connector.name):
+            with naming_connection(self.connector.name):
                 result = protocol.parse_device_page(response.json(), page)
             yield result
             if result.cursor is None:
@@ -63,7 +63,7 @@ class DattoRmmAdapter:
             ) from None
 
 
-def build(settings: "ConnectionSettings", context: AdapterContext) -> DattoRmmAdapter:
+def build(settings: ConnectionSettings, context: AdapterContext) -> DattoRmmAdapter:
     """The factory registered for ``plugin = "datto_rmm"``."""
     page_size = int_option(
         settings.name, settings.options, "page_size", protocol.DEFAULT_PAGE_SIZE, 1, protocol.MAX_PAGE_SIZE

@@ -12,7 +12,7 @@ and past 600 it answers 429 and, after repeated breaches, blocks the address (40
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -108,7 +108,7 @@ def epoch_millis(value: Any) -> datetime | None:
     if value is None or value == "":
         return None
     try:
-        return datetime.fromtimestamp(int(value) / 1000, tz=timezone.utc)
+        return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
     except (TypeError, ValueError, OverflowError, OSError):
         raise PermanentError(f"Datto RMM sent a timestamp that is not epoch milliseconds: {value!r}") from None
 

@@ -49,7 +49,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.core.clock import Clock, SystemClock
-from gateway.testing.simkit import Faults, RequestWindow, company_names
+from gateway.simulators import Faults, RequestWindow, company_names
 
 DEFAULT_API_KEY = "SIMDATTOAPIKEY0001"
 DEFAULT_API_SECRET = "SIMDATTOSECRET0001"

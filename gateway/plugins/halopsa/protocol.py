@@ -26,8 +26,9 @@ from urllib.parse import quote
 
 from gateway.adapters import BillDocument, PsaCompany, PsaRecord
 from gateway.errors import PermanentError
-from gateway.plugins import psa_common as common
-from gateway.plugins.psa_common import Request
+from gateway.options import choice_option, int_option, refuse_unknown, text_option
+from gateway.plugins import psa_bills
+from gateway.plugins.sans_io import Request
 
 VENDOR = "HaloPSA"
 DEFAULT_PAGE_SIZE = 100
@@ -43,16 +44,16 @@ class Config:
     page_size: int = DEFAULT_PAGE_SIZE
 
     @classmethod
-    def from_options(cls, connection: str, options: Mapping[str, Any]) -> "Config":
+    def from_options(cls, connection: str, options: Mapping[str, Any]) -> Config:
         """Every bad option is a ConfigError naming the connection, the option and what it takes.
 
         HaloPSA bills go out as invoices only, so ``delivery`` takes just ``"invoice"``.
         """
-        common.refuse_unknown(connection, VENDOR, options, OPTIONS)
-        common.choice_option(connection, options, "delivery", ("invoice",), "invoice")
+        refuse_unknown(connection, VENDOR, options, OPTIONS)
+        choice_option(connection, options, "delivery", ("invoice",), "invoice")
         return cls(
-            tenant=common.text_option(connection, options, "tenant", example="yourcompany"),
-            page_size=common.int_option(connection, options, "page_size", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE),
+            tenant=text_option(connection, options, "tenant", example="yourcompany"),
+            page_size=int_option(connection, options, "page_size", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE),
         )
 
 
@@ -104,7 +105,7 @@ def parse_clients(rows: Sequence[Mapping[str, Any]]) -> list[PsaCompany]:
 
 
 def client_id(bill: BillDocument) -> int:
-    return common.company_id(bill, VENDOR, noun="client")
+    return psa_bills.company_id(bill, VENDOR, noun="client")
 
 
 def client_invoices_request(bill: BillDocument, page_no: int, page_size: int) -> Request:
@@ -117,12 +118,12 @@ def all_invoices_request(page_no: int, page_size: int) -> Request:
 
 def matching(rows: Sequence[Mapping[str, Any]], key: str) -> list[Mapping[str, Any]]:
     """Invoices carrying ``key`` (reference and marker), oldest first."""
-    reference = common.reference_for(key)
-    return common.matching([row for row in rows if row.get("reference") == reference], "internal_note", key)
+    reference = psa_bills.reference_for(key)
+    return psa_bills.matching([row for row in rows if row.get("reference") == reference], "internal_note", key)
 
 
 def refuse_duplicates(found: Sequence[Mapping[str, Any]], bill: BillDocument) -> None:
-    common.refuse_duplicates(found, bill, "invoices", VENDOR)
+    psa_bills.refuse_duplicates(found, bill, "invoices", VENDOR)
 
 
 def delete_invoice_request(invoice_id: int) -> Request:
@@ -133,10 +134,10 @@ def _lines(bill: BillDocument) -> list[dict[str, Any]]:
     return [
         {
             "item_shortdescription": text[:255],
-            "qty_order": common.json_number(quantity),
-            "unit_price": common.json_number(price),
+            "qty_order": psa_bills.json_number(quantity),
+            "unit_price": psa_bills.json_number(price),
         }
-        for text, quantity, price in common.priced_lines(bill)
+        for text, quantity, price in psa_bills.priced_lines(bill)
     ]
 
 
@@ -150,10 +151,10 @@ def create_invoice_request(bill: BillDocument) -> Request:
                 "client_id": client_id(bill),
                 "invoice_date": bill.issued_on.isoformat(),
                 "duedate": bill.due_on.isoformat(),
-                "reference": common.reference_for(bill.key),
+                "reference": psa_bills.reference_for(bill.key),
                 "order_number": bill.number,
                 "notes_1": f"{bill.device_count} devices, {bill.period_start.isoformat()} to {bill.period_end.isoformat()}",
-                "internal_note": common.marker_for(bill).render(),
+                "internal_note": psa_bills.marker_for(bill).render(),
                 "period_start_date": bill.period_start.isoformat(),
                 "period_end_date": bill.period_end.isoformat(),
                 "lines": _lines(bill),
@@ -171,7 +172,7 @@ def saved_id(body: Any) -> int:
 
 
 def _number(value: Any, what: str) -> Decimal:
-    return common.number(value, what, VENDOR)
+    return psa_bills.number(value, what, VENDOR)
 
 
 def invoice_records(rows: Sequence[Mapping[str, Any]], period_start: date, period_end: date) -> list[PsaRecord]:
@@ -180,7 +181,7 @@ def invoice_records(rows: Sequence[Mapping[str, Any]], period_start: date, perio
 
 
 def invoice_record(row: Mapping[str, Any], period_start: date = date.min, period_end: date = date.max) -> PsaRecord | None:
-    marker = common.marker_in_period(row.get("internal_note"), period_start, period_end)
+    marker = psa_bills.marker_in_period(row.get("internal_note"), period_start, period_end)
     if marker is None:
         return None
     lines = row.get("lines")
@@ -189,4 +190,4 @@ def invoice_record(row: Mapping[str, Any], period_start: date = date.min, period
         amount = sum(amounts, Decimal(0))
     else:
         amount = _number(row.get("total"), "invoice total")
-    return common.bill_record(marker, row.get("client_id"), row["id"], amount)
+    return psa_bills.bill_record(marker, row.get("client_id"), row["id"], amount)

@@ -21,7 +21,7 @@ What it reproduces, and where that behaviour is described:
   publish its hosted limit; benchmarks set one.
 
 Test hooks: ``app[STATE]`` (``clients``, ``invoices``, ``tokens_issued``, ``requests``);
-``app[FAULTS]`` (a :class:`gateway.testing.simkit.Faults`) plans 429s (with or without Retry-After),
+``app[FAULTS]`` (a :class:`gateway.simulators.Faults`) plans 429s (with or without Retry-After),
 5xx, slow answers, dropped connections and ``expire_tokens()`` at run time. Token lifetimes run on
 the injected ``clock``.
 """
@@ -40,8 +40,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.core.clock import Clock, SystemClock
-from gateway.testing.simkit import Faults, RequestWindow, company_names
-
+from gateway.simulators import Faults, RequestWindow, company_names
 
 # --- state -------------------------------------------------------------------------------
 

@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from gateway.adapters import AdapterContext, DevicePage, RmmOrganization
+from gateway.options import int_option
 from gateway.plugins.ninjaone import protocol
-from gateway.plugins.psa_common import int_option
-from gateway.plugins.rmm_common import naming
+from gateway.plugins.sans_io import naming_connection
 from gateway.sync.http import Connector, OAuth2ClientCredentials
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -29,7 +29,7 @@ class NinjaOneAdapter:
             response = await self.connector.request(
                 "GET", protocol.ORGANIZATIONS_PATH, params=protocol.page_params(after, self.page_size)
             )
-            with naming(self.connector.name):
+            with naming_connection(self.connector.name):
                 page, after = protocol.parse_organizations(response.json(), self.page_size)
             organizations.extend(page)
             if after is None:
@@ -40,7 +40,7 @@ class NinjaOneAdapter:
             response = await self.connector.request(
                 "GET", protocol.DEVICES_PATH, params=protocol.page_params(cursor, self.page_size)
             )
-            with naming(self.connector.name):
+            with naming_connection(self.connector.name):
                 page = protocol.parse_device_page(response.json(), self.page_size)
             yield page
             if page.cursor is None:
@@ -51,7 +51,7 @@ class NinjaOneAdapter:
         await self.connector.aclose()
 
 
-def build(settings: "ConnectionSettings", context: AdapterContext) -> NinjaOneAdapter:
+def build(settings: ConnectionSettings, context: AdapterContext) -> NinjaOneAdapter:
     """The factory registered for ``plugin = "ninjaone"``."""
     page_size = int_option(
         settings.name, settings.options, "page_size", protocol.DEFAULT_PAGE_SIZE, 1, protocol.MAX_PAGE_SIZE

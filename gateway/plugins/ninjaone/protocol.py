@@ -12,7 +12,7 @@ quota raises it with ``rate_limit`` on the connection.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.adapters import DevicePage, RmmDevice, RmmOrganization
@@ -77,7 +77,7 @@ def epoch_seconds(value: Any) -> datetime | None:
     if value is None or value == "":
         return None
     try:
-        return datetime.fromtimestamp(float(value), tz=timezone.utc)
+        return datetime.fromtimestamp(float(value), tz=UTC)
     except (TypeError, ValueError, OverflowError, OSError):
         raise PermanentError(f"NinjaOne sent a timestamp that is not epoch seconds: {value!r}") from None
 

@@ -46,7 +46,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.core.clock import Clock, SystemClock
-from gateway.testing.simkit import Faults, RequestWindow, company_names
+from gateway.simulators import Faults, RequestWindow, company_names
 
 DEFAULT_CLIENT_ID = "sim-ninjaone-client"
 DEFAULT_CLIENT_SECRET = "sim-ninjaone-secret"

@@ -24,17 +24,13 @@ import ipaddress
 import json
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import structlog
 from yarl import URL
 
-from gateway import hookimpl
-from gateway.core.clock import SystemClock
-from gateway.core.logging import add_secrets
-from gateway.errors import ConfigError, PermanentError, TransientError
-from gateway.sync.http import retry_after_seconds
+from gateway import ConfigError, PermanentError, SystemClock, TransientError, add_secrets, hookimpl, retry_after_seconds
 from gateway_notify_chat.messages import Style, render
 
 log = structlog.get_logger(__name__)
@@ -97,7 +93,7 @@ class ChatNotifier:
                         status = response.status
                         answer = self._clean((await response.text())[:200])
                         retry_after = retry_after_seconds(response.headers, SystemClock().now())
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     # str(exc) of a connection error names the URL: keep only its type.
                     reason, wait = type(exc).__name__, self._backoff(attempt)
                 else:
@@ -144,7 +140,8 @@ def from_environment(environ: Mapping[str, str] | None = None) -> ChatNotifier |
     style = env.get(ENV_STYLE, "").strip().lower() or None
     events_text = env.get(ENV_EVENTS, "").strip()
     events = [e.strip() for e in events_text.split(",") if e.strip()] if events_text else None
-    return ChatNotifier(url, style=style, events=events)  # type: ignore[arg-type]
+    # Any text is passed on as is: ChatNotifier refuses a style other than slack or teams with a ConfigError.
+    return ChatNotifier(url, style=cast("Style | None", style), events=events)
 
 
 @hookimpl

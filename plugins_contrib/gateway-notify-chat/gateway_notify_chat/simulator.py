@@ -15,7 +15,7 @@ It checks what the services check and answers as they do:
 
 Every accepted message is kept in ``app[RECEIVED]``, every request's path in
 ``app[REQUESTS]``; ``app[FAULTS]`` plans 429/5xx answers and dropped connections
-(:mod:`gateway.testing.simkit`).
+(:mod:`gateway.simulators`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.testing.simkit import Faults
+from gateway.simulators import Faults
 
 SLACK_PATH = "/services/T0SIM0001/B0SIM0001/simulatedsecret0001"
 TEAMS_PATH = "/webhookb2/00000000-sim0-0000-0000-000000000001@tenant/IncomingWebhook/simulatedsecret0002/owner"

@@ -8,9 +8,7 @@ import pytest
 from structlog.testing import capture_logs
 
 import gateway_notify_chat
-from gateway.core.logging import redactor
-from gateway.errors import ConfigError, PermanentError, TransientError
-from gateway.plugins import get_plugin_manager
+from gateway import ConfigError, PermanentError, TransientError, get_plugin_manager
 from gateway_notify_chat import ENV_EVENTS, ENV_STYLE, ENV_URL, ChatNotifier, from_environment
 from gateway_notify_chat.simulator import FAULTS, RECEIVED, REQUESTS, SLACK_PATH, TEAMS_PATH, create_app
 
@@ -128,7 +126,7 @@ async def test_a_refused_message_is_not_retried_and_the_error_says_why(receiver)
     assert len(app[REQUESTS]) == 1 and sleeps.waits == []
 
 
-async def test_webhook_secrets_never_reach_a_log_line_or_an_error(receiver):
+async def test_webhook_secrets_never_reach_a_log_line_or_an_error(receiver, gateway_redact):
     app, base = receiver
     app[FAULTS].throttle(1, retry_after=0).fail(9, status=503)
     notifier = ChatNotifier(base + SLACK_PATH, style="slack", sleep=Sleeps(), max_attempts=2)
@@ -148,7 +146,7 @@ async def test_webhook_secrets_never_reach_a_log_line_or_an_error(receiver):
     for secret in SECRETS:
         assert secret not in text
     # And should anything else ever log the URL, the gateway's redaction removes it.
-    assert SECRETS[0] not in str(redactor(None, "info", {"event": "x", "url": base + SLACK_PATH}))
+    assert SECRETS[0] not in str(gateway_redact({"event": "x", "url": base + SLACK_PATH}))
 
 
 def test_configuration_is_checked_without_echoing_the_url():

@@ -6,7 +6,8 @@ from decimal import Decimal
 
 from gateway_notify_chat.messages import MAX_FACTS, build_message, render, slack_body, teams_body
 
-# Payloads as the gateway sends them (gateway/sync/outbox.py, gateway/sync/reconcile.py, gateway/core/licensing.py).
+# Payloads as the gateway sends them (gateway/sync/outbox.py, gateway/sync/reconcile.py,
+# gateway/core/licensing/daily.py).
 DEAD_LETTER = {
     "delivery_id": 17,
     "connection": "halo-main",

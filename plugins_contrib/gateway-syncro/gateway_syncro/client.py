@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import date, datetime, time, timezone
+from datetime import UTC, date, datetime, time
 from typing import Any
 
 import structlog
 
-from gateway.adapters import (
+from gateway import (
     AdapterContext,
     BillDocument,
+    Clock,
+    ConnectionSettings,
+    Connector,
     DevicePage,
+    PermanentError,
     PsaCompany,
     PsaRecord,
     PushResult,
     RmmOrganization,
+    StaticAuth,
 )
-from gateway.core.clock import Clock
-from gateway.core.settings import ConnectionSettings
-from gateway.errors import PermanentError
-from gateway.sync.http import Connector, StaticAuth
 from gateway_syncro import protocol as p
 
 log = structlog.get_logger(__name__)
@@ -107,7 +108,7 @@ class SyncroPsaAdapter:
         return self._pushed(bill, self.api.parse(p.parse_invoice, self.api.json(response)), created=True)
 
     async def read_back(self, period_start: date, period_end: date) -> list[PsaRecord]:
-        since = datetime.combine(period_start, time(0), tzinfo=timezone.utc).isoformat()
+        since = datetime.combine(period_start, time(0), tzinfo=UTC).isoformat()
         records = []
         for invoice in await self.api.rows(p.INVOICES_PATH, "invoices", since_updated_at=since):
             record = self.api.parse(p.invoice_record, invoice, period_start, period_end)

@@ -49,14 +49,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import quote, unquote
 
-from gateway.adapters import BillDocument, PsaCompany, PsaRecord, RmmDevice, RmmOrganization
-from gateway.errors import PermanentError
-from gateway.sync.http import RateLimit
+from gateway import BillDocument, PermanentError, PsaCompany, PsaRecord, RateLimit, RmmDevice, RmmOrganization
 
 API_PREFIX = "/api/v1"
 CUSTOMERS_PATH = f"{API_PREFIX}/customers"
@@ -144,8 +142,12 @@ def parse_asset(row: Mapping[str, Any], now: datetime) -> RmmDevice:
     """One asset of ``GET /customer_assets`` as a device; ``now`` decides ``online``."""
     asset_id = _required(row, "id", "asset")
     customer_id = _required(row, "customer_id", f"asset {asset_id}")
-    properties = row.get("properties") if isinstance(row.get("properties"), dict) else {}
-    kabuto = properties.get("kabuto_information") if isinstance(properties.get("kabuto_information"), dict) else {}
+    properties = row.get("properties")
+    if not isinstance(properties, dict):
+        properties = {}
+    kabuto = properties.get("kabuto_information")
+    if not isinstance(kabuto, dict):
+        kabuto = {}
     last_contact = timestamp(kabuto.get("last_synced_at"), f"asset {asset_id} last_synced_at")
     return RmmDevice(
         external_id=str(asset_id),
@@ -169,7 +171,7 @@ def timestamp(value: Any, what: str) -> datetime | None:
         raise PermanentError(f"Syncro sent {what} that is not an ISO 8601 time: {value!r}") from None
     if parsed.tzinfo is None:
         raise PermanentError(f"Syncro sent {what} without a time zone: {value!r}")
-    return parsed.astimezone(timezone.utc)
+    return parsed.astimezone(UTC)
 
 
 # --- invoices ---------------------------------------------------------------------------

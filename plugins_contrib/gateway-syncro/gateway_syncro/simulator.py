@@ -20,7 +20,7 @@ It reproduces what the adapters rely on (sources in ``protocol.py``):
 
 The population comes from ``random.Random(seed)``; ``last_synced_at`` is spread over the
 last ~40 days of the simulator's clock. ``app[FAULTS]`` plans 429/5xx answers, dropped
-connections and token expiry (:mod:`gateway.testing.simkit`); ``app[STATE]`` is the data.
+connections and token expiry (:mod:`gateway.simulators`); ``app[STATE]`` is the data.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.core.clock import Clock, SystemClock
-from gateway.testing.simkit import Faults, RequestWindow, company_names
+from gateway import Clock, SystemClock
+from gateway.simulators import Faults, RequestWindow, company_names
 
 DEFAULT_API_TOKEN = "sim-syncro-api-token-0001"
 PAGE_SIZE = 25
@@ -231,7 +231,8 @@ async def _create_invoice(request: web.Request) -> web.Response:
                       "quantity": str(quantity), "price": str(price), "taxable": bool(line.get("taxable"))})
     if problems:
         return web.json_response({"message": problems}, status=422)
-    subtotal = sum((Decimal(l["quantity"]) * Decimal(l["price"]) for l in lines), Decimal(0)).quantize(CENT)
+    assert customer is not None  # a missing customer is one of the problems answered above
+    subtotal = sum((Decimal(item["quantity"]) * Decimal(item["price"]) for item in lines), Decimal(0)).quantize(CENT)
     now = _iso(state.clock.now())
     invoice = {
         "id": 7_000_001 + len(state.invoices),

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import date
 from decimal import Decimal
 
 import pytest
 
 import gateway_syncro
-from gateway.adapters import AdapterContext, BillDocument, BillLineDoc
-from gateway.cli import main
-from gateway.core.settings import ConnectionSettings, load_settings
-from gateway.errors import ConfigError, PermanentError
-from gateway.plugins import get_plugin_manager
+from gateway import (
+    AdapterContext,
+    BillDocument,
+    BillLineDoc,
+    ConfigError,
+    ConnectionSettings,
+    PermanentError,
+    get_plugin_manager,
+    load_settings,
+)
 from gateway_syncro.simulator import DEFAULT_API_TOKEN, STATE, create_app
 
 CONFIG = """
@@ -29,14 +36,17 @@ base_url = "{base}"
 """
 
 
-def test_entry_point_registers_both_kinds_and_the_listing_shows_the_version(capsys):
+def test_entry_point_registers_both_kinds_and_the_listing_shows_the_version():
     manager = get_plugin_manager()
     assert manager.pm.get_plugin("syncro") is gateway_syncro
     adapters = manager.adapters()
     assert (adapters["syncro-rmm"].role, adapters["syncro-psa"].role) == ("rmm", "psa")
     assert adapters["syncro-psa"].required_credentials == ("api_token",)
-    assert main(["plugins", "--json"]) == 0
-    row = next(r for r in json.loads(capsys.readouterr().out) if r["name"] == "syncro")
+    listing = subprocess.run(  # the admin's `gateway plugins --json`
+        [sys.executable, "-m", "gateway", "plugins", "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert listing.returncode == 0, listing.stderr
+    row = next(r for r in json.loads(listing.stdout) if r["name"] == "syncro")
     assert row["version"] == "0.1.0" and row["adapters"] == ["syncro-rmm (rmm)", "syncro-psa (psa)"]
 
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
-from gateway.adapters import BillDocument, BillLineDoc
-from gateway.errors import PermanentError
+from gateway import BillDocument, BillLineDoc, PermanentError
 from gateway_syncro import protocol as p
 
-NOW = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
 
 def bill(**changes) -> BillDocument:
@@ -76,8 +75,8 @@ def test_g1_asset_becomes_a_device_with_utc_times_and_online_from_its_last_sync(
     }
     device = p.parse_asset(row, NOW)
     assert (device.external_id, device.org_external_id, device.hostname) == ("5000001", "1000003", "LAP-0A1B2")
-    assert device.last_contact == datetime(2026, 3, 10, 11, 55, tzinfo=timezone.utc)
-    assert device.created_at == datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+    assert device.last_contact == datetime(2026, 3, 10, 11, 55, tzinfo=UTC)
+    assert device.created_at == datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
     assert device.online and device.device_class == "Laptop"
     assert not p.parse_asset(row, NOW + p.ONLINE_WITHIN - timedelta(minutes=4)).online
     never = p.parse_asset({"id": 1, "customer_id": 2, "properties": None}, NOW)

@@ -4,37 +4,22 @@ from __future__ import annotations
 
 from datetime import date
 from decimal import Decimal
+from functools import partial
 
+import builders
 import pytest
 
-from gateway.adapters import BillDocument, BillLineDoc
 from gateway.errors import ConfigError, PermanentError
 from gateway.plugins.autotask import protocol as p
-from gateway.plugins.psa_common import marker_for, parse_marker
+from gateway.plugins.psa_bills import marker_for, parse_marker
 
-
-def bill(**kw) -> BillDocument:
-    values = dict(
-        key="at-main:cust-3:2026-02",
-        number="INV-2026-0107",
-        company_external_id="29683579",
-        customer_name="Northwind Clinic",
-        currency="USD",
-        period_start=date(2026, 2, 1),
-        period_end=date(2026, 2, 28),
-        issued_on=date(2026, 3, 1),
-        due_on=date(2026, 3, 31),
-        device_count=12,
-        total=Decimal("40.00"),
-        lines=(BillLineDoc("Managed devices", Decimal(12), Decimal("2.50"), Decimal("30.00")),
-               BillLineDoc("Activation fee", Decimal(1), Decimal("10.00"), Decimal("10.00"))),
-    )
-    values.update(kw)
-    return BillDocument(**values)
+bill = partial(builders.bill, "29683579", devices=12, key="at-main:cust-3:2026-02", number="INV-2026-0107",
+               customer_name="Northwind Clinic")
 
 
 # A zoneInformation answer as Autotask returns it.
-ZONE = {"zoneName": "America West 2", "url": "https://webservices15.autotask.net/ATServicesRest/", "webUrl": "https://ww15.autotask.net/", "ci": 12345}
+ZONE = {"zoneName": "America West 2", "url": "https://webservices15.autotask.net/ATServicesRest/",
+        "webUrl": "https://ww15.autotask.net/", "ci": 12345}
 
 # A query page as Autotask returns it (trimmed to the fields the adapter reads).
 PAGE = {

@@ -5,33 +5,16 @@ from __future__ import annotations
 import base64
 from datetime import date
 from decimal import Decimal
+from functools import partial
 
+import builders
 import pytest
 
-from gateway.adapters import BillDocument, BillLineDoc
 from gateway.errors import ConfigError, PermanentError
 from gateway.plugins.connectwise import protocol as p
-from gateway.plugins.psa_common import marker_for, parse_marker
+from gateway.plugins.psa_bills import marker_for, parse_marker
 
-
-def bill(**kw) -> BillDocument:
-    values = dict(
-        key="cw-main:cust-7:2026-02",
-        number="INV-2026-0042",
-        company_external_id="12",
-        customer_name="Acme Dental",
-        currency="USD",
-        period_start=date(2026, 2, 1),
-        period_end=date(2026, 2, 28),
-        issued_on=date(2026, 3, 1),
-        due_on=date(2026, 3, 31),
-        device_count=3,
-        total=Decimal("25.00"),
-        lines=(BillLineDoc("Managed devices", Decimal(3), Decimal("5.00"), Decimal("15.00")),
-               BillLineDoc("Activation fee", Decimal(1), Decimal("10.00"), Decimal("10.00"))),
-    )
-    values.update(kw)
-    return BillDocument(**values)
+bill = partial(builders.bill, key="cw-main:cust-7:2026-02", number="INV-2026-0042", unit_price="5.00")
 
 
 # A companyinfo body as ConnectWise cloud returns it.

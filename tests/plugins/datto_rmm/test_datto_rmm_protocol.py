@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -63,8 +63,8 @@ def test_parse_device_maps_datto_fields() -> None:
         device_class="device",
         online=True,
         deleted=False,
-        last_contact=datetime(2026, 3, 10, 12, 0, 0, 250000, tzinfo=timezone.utc),
-        created_at=datetime(2023, 9, 4, 13, 20, 12, tzinfo=timezone.utc),
+        last_contact=datetime(2026, 3, 10, 12, 0, 0, 250000, tzinfo=UTC),
+        created_at=datetime(2023, 9, 4, 13, 20, 12, tzinfo=UTC),
     )
 
 

@@ -4,33 +4,17 @@ from __future__ import annotations
 
 from datetime import date
 from decimal import Decimal
+from functools import partial
 
+import builders
 import pytest
 
-from gateway.adapters import BillDocument, BillLineDoc
 from gateway.errors import ConfigError, PermanentError
 from gateway.plugins.halopsa import protocol as p
-from gateway.plugins.psa_common import marker_for, parse_marker
+from gateway.plugins.psa_bills import marker_for, parse_marker
 
-
-def bill(**kw) -> BillDocument:
-    values = dict(
-        key="halo:cust-9:2026-02",
-        number="INV-2026-0300",
-        company_external_id="12",
-        customer_name="Red Kite Surgery",
-        currency="GBP",
-        period_start=date(2026, 2, 1),
-        period_end=date(2026, 2, 28),
-        issued_on=date(2026, 3, 1),
-        due_on=date(2026, 3, 31),
-        device_count=5,
-        total=Decimal("22.50"),
-        lines=(BillLineDoc("Managed devices", Decimal(5), Decimal("2.50"), Decimal("12.50")),
-               BillLineDoc("Activation fee", Decimal(1), Decimal("10.00"), Decimal("10.00"))),
-    )
-    values.update(kw)
-    return BillDocument(**values)
+bill = partial(builders.bill, devices=5, key="halo:cust-9:2026-02", number="INV-2026-0300",
+               customer_name="Red Kite Surgery", currency="GBP")
 
 
 # A page of GET /api/Client?pageinate=true&page_size=2&page_no=1 as Halo answers it (trimmed).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -46,8 +46,8 @@ def test_parse_device_maps_ninjaone_fields() -> None:
         device_class="WINDOWS_WORKSTATION",
         online=True,
         deleted=False,
-        last_contact=datetime(2026, 3, 10, 12, 0, 0, 125000, tzinfo=timezone.utc),
-        created_at=datetime.fromtimestamp(1693833612.417, tz=timezone.utc),
+        last_contact=datetime(2026, 3, 10, 12, 0, 0, 125000, tzinfo=UTC),
+        created_at=datetime.fromtimestamp(1693833612.417, tz=UTC),
     )
 
 
@@ -55,7 +55,7 @@ def test_parse_device_offline_and_name_fallback() -> None:
     device = protocol.parse_device(DEVICES_BODY[1])
     assert device.online is False
     assert device.hostname == "backup"  # systemName missing: displayName
-    assert device.last_contact is not None and device.last_contact.tzinfo is timezone.utc
+    assert device.last_contact is not None and device.last_contact.tzinfo is UTC
 
 
 def test_full_page_cursor_is_the_last_id() -> None:

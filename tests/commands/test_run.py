@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,12 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from builders import free_port, write_config
 
 
 def wait_for(url: str, timeout: float = 20.0) -> dict:
@@ -33,14 +27,14 @@ def wait_for(url: str, timeout: float = 20.0) -> dict:
             time.sleep(0.1)
 
 
+@pytest.mark.slow  # two gateway processes and a wait for the scheduler: 5 s or more
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_run_serves_and_stops_gracefully(tmp_path: Path, stop_signal):
     port = free_port()
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f'[database]\nurl = "sqlite:///{tmp_path / "g.db"}"\n[server]\nport = {port}\nshutdown_timeout_seconds = 5\n'
-        '[scheduler]\noutbox_interval_seconds = 0.2\nbilling_interval_seconds = 0.2\n'
-    )
+    config = write_config(tmp_path / "gateway.toml", database_url=f"sqlite:///{tmp_path / 'g.db'}", sections={
+        "server": {"port": port, "shutdown_timeout_seconds": 5},
+        "scheduler": {"outbox_interval_seconds": 0.2, "billing_interval_seconds": 0.2},
+    })
     env = {**os.environ, "GATEWAY_LOGGING__FORMAT": "json"}
     subprocess.run([sys.executable, "-m", "gateway", "--config", str(config), "db", "upgrade"], check=True,
                    capture_output=True, env=env)
@@ -66,24 +60,24 @@ def test_run_serves_and_stops_gracefully(tmp_path: Path, stop_signal):
 
 
 def test_run_refuses_an_out_of_date_schema(tmp_path: Path):
-    config = tmp_path / "gateway.toml"
-    config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "g.db"}"\n')
+    config = write_config(tmp_path / "gateway.toml", database_url=f"sqlite:///{tmp_path / 'g.db'}")
     result = subprocess.run([sys.executable, "-m", "gateway", "--config", str(config), "run"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "run 'gateway db upgrade' first" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # two gateway processes and two pull intervals: 5 s or more
 def test_run_pulls_each_rmm_connection_on_its_interval_and_counts_it_in_metrics(tmp_path: Path, ninja_simulator_url):
     from gateway.plugins.ninjaone import simulator
 
     port = free_port()
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f'[database]\nurl = "sqlite:///{tmp_path / "g.db"}"\n[server]\nport = {port}\nshutdown_timeout_seconds = 5\n'
-        f'[[connections]]\nname = "ninja"\nplugin = "ninjaone"\nbase_url = "{ninja_simulator_url}"\n'
-        "poll_interval_seconds = 0.3\n"
-        f'credentials = {{ client_id = "{simulator.DEFAULT_CLIENT_ID}", client_secret = "{simulator.DEFAULT_CLIENT_SECRET}" }}\n'
+    config = write_config(
+        tmp_path / "gateway.toml", database_url=f"sqlite:///{tmp_path / 'g.db'}",
+        sections={"server": {"port": port, "shutdown_timeout_seconds": 5}},
+        connections=[{"name": "ninja", "plugin": "ninjaone", "base_url": ninja_simulator_url, "poll_interval_seconds": 0.3,
+                      "credentials": {"client_id": simulator.DEFAULT_CLIENT_ID,
+                                      "client_secret": simulator.DEFAULT_CLIENT_SECRET}}],
     )
     subprocess.run([sys.executable, "-m", "gateway", "--config", str(config), "db", "upgrade"], check=True,
                    capture_output=True)

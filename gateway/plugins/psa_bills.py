@@ -1,16 +1,17 @@
-"""What the PSA adapters (ConnectWise, Autotask, HaloPSA) share, sans I/O.
+"""What the PSA adapters (ConnectWise, Autotask, HaloPSA) share about bills, sans I/O.
 
 Each PSA keeps a bill in a different object, but every adapter writes the same
 marker (``gateway-bill key=… period=…/… devices=N``) into a free-text field of that
-object, prices bill lines the same way, reads options the same way and refuses the
-same unsafe writes. Where a message names the tool, the vendor name is a parameter.
+object, prices bill lines the same way, reads the PSA's numbers the same way and refuses
+the same unsafe writes. Where a message names the tool, the vendor name is a parameter.
+(Reading connection options is shared with the RMM adapters: :mod:`gateway.options`.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
@@ -18,91 +19,12 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from gateway.adapters import BillDocument, PsaRecord
-from gateway.errors import ConfigError, PermanentError
+from gateway.errors import PermanentError
 
 MARKER_PREFIX = "gateway-bill"
 REFERENCE_MAX = 50
 CENT = Decimal("0.01")
 UNIT_PRICE_STEP = Decimal("0.000001")
-
-
-@dataclass(frozen=True)
-class Request:
-    """One HTTP request to send; ``url`` is relative to the adapter's API base unless absolute."""
-
-    method: str
-    url: str
-    params: Mapping[str, Any] | None = None
-    json: Any = None
-
-
-# --- options ----------------------------------------------------------------------------------
-
-
-def refuse_unknown(connection: str, vendor: str, options: Mapping[str, Any], known: Collection[str]) -> None:
-    """A misspelt option would otherwise be ignored silently."""
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"connection {connection!r}: unknown option(s) {', '.join(unknown)} for {vendor} "
-            f"(known: {', '.join(sorted(known))})"
-        )
-
-
-def choice_option(connection: str, options: Mapping[str, Any], name: str, choices: Sequence[str], default: str) -> str:
-    """One of ``choices``; unset: ``default``."""
-    value = options.get(name, default)
-    if value not in choices:
-        raise ConfigError(
-            f"connection {connection!r}: options.{name} must be one of {', '.join(choices)}, got {value!r}"
-        )
-    return value
-
-
-def int_option(
-    connection: str, options: Mapping[str, Any], name: str, default: int | None, low: int = 1, high: int | None = None
-) -> int | None:
-    """A whole number (or a string of digits, as environment variables give it) in ``low..high``; unset: ``default``."""
-    value = options.get(name)
-    if value is None or value == "":
-        return default
-    number = _whole(value)
-    if number is None or number < low or (high is not None and number > high):
-        expected = f"a whole number from {low} to {high}" if high is not None else f"a whole number of at least {low}"
-        raise ConfigError(f"connection {connection!r}: options.{name} must be {expected}, got {value!r}")
-    return number
-
-
-def _whole(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
-        return int(value)
-    return None
-
-
-def text_option(
-    connection: str, options: Mapping[str, Any], name: str, default: str | None = None, *, example: str
-) -> str | None:
-    """A non-blank text; unset or empty: ``default``."""
-    value = options.get(name)
-    if value is None or value == "":
-        return default
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(
-            f"connection {connection!r}: options.{name} must be a non-blank text such as {example!r}, got {value!r}"
-        )
-    return value.strip()
-
-
-def url_option(connection: str, options: Mapping[str, Any], name: str, example: str) -> str | None:
-    """An http(s) URL; unset or empty: None."""
-    value = text_option(connection, options, name, example=example)
-    if value is not None and not value.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"connection {connection!r}: options.{name} must be an http(s) URL such as {example!r}, got {value!r}"
-        )
-    return value
 
 
 # --- the marker ----------------------------------------------------------------------------------

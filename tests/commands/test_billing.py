@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import pytest
 from aiosmtpd.controller import Controller
+from builders import free_port, write_config
 from pypdf import PdfReader
 from sqlalchemy import func, select
 
@@ -16,7 +16,7 @@ from gateway.cli import main
 from gateway.core.db import transaction
 from gateway.core.models import Bill, Customer, Device, DeviceActivity, Partner, Workspace
 
-T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 
 class Inbox:
@@ -30,9 +30,7 @@ class Inbox:
 
 @pytest.fixture
 def smtp_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     inbox = Inbox()
     controller = Controller(inbox, hostname="127.0.0.1", port=port)
     controller.start()
@@ -40,14 +38,14 @@ def smtp_port():
     controller.stop()
 
 
-def write_config(tmp_path, db_engine, mail_port: int | None) -> str:
-    url = db_engine.url.render_as_string(hide_password=False)
-    text = f'[database]\nurl = "{url}"\n[logging]\nlevel = "error"\n'
+def config_file(tmp_path, db_engine, mail_port: int | None) -> str:
+    """This module's gateway.toml: quiet logging, and the test's SMTP server when it has one."""
+    sections: dict[str, dict] = {"logging": {"level": "error"}}
     if mail_port:
-        text += f'[mail]\nhost = "127.0.0.1"\nport = {mail_port}\nfrom_address = "billing@msp.example"\nstarttls = false\n'
-    path = tmp_path / "gateway.toml"
-    path.write_text(text)
-    return str(path)
+        sections["mail"] = {"host": "127.0.0.1", "port": mail_port, "from_address": "billing@msp.example",
+                            "starttls": False}
+    url = db_engine.url.render_as_string(hide_password=False)
+    return str(write_config(tmp_path / "gateway.toml", database_url=url, sections=sections))
 
 
 def seed(db) -> tuple[int, int]:
@@ -78,7 +76,7 @@ def cli(capsys, config: str, *args: str) -> tuple[int, str, str]:
 
 def test_s2_cli_refuses_an_association_without_mail_settings_and_says_what_to_set(tmp_path, db, db_engine, capsys):
     customer_id, _ = seed(db)
-    config = write_config(tmp_path, db_engine, None)
+    config = config_file(tmp_path, db_engine, None)
     code, out, _ = cli(capsys, config, "plans", "add", "--name", "Managed", "--price", "10", "--currency", "USD", "--json")
     assert code == 0
     plan_id = json.loads(out)[0]["id"]
@@ -91,7 +89,7 @@ def test_s2_cli_refuses_an_association_without_mail_settings_and_says_what_to_se
 def test_s3_cli_bill_run_dry_run_documents_and_payment(tmp_path, db, db_engine, capsys, smtp_port):
     port, inbox = smtp_port
     customer_id, _ = seed(db)
-    config = write_config(tmp_path, db_engine, port)
+    config = config_file(tmp_path, db_engine, port)
     code, out, _ = cli(capsys, config, "plans", "add", "--name", "Managed", "--price", "10", "--currency", "USD", "--json")
     plan_id = json.loads(out)[0]["id"]
     code, out, _ = cli(capsys, config, "associations", "add", "--plan", str(plan_id), "--customer", str(customer_id),
@@ -139,7 +137,7 @@ def test_s3_cli_bill_run_dry_run_documents_and_payment(tmp_path, db, db_engine, 
 
 def test_m8_cli_cancel_shows_what_ends_and_needs_yes(tmp_path, db, db_engine, capsys):
     customer_id, workspace_id = seed(db)
-    config = write_config(tmp_path, db_engine, None)
+    config = config_file(tmp_path, db_engine, None)
     code, out, _ = cli(capsys, config, "billing", "enable", "--json")
     assert code == 0 and json.loads(out)[0]["activation_total"] == "10.00"
     code, _, _ = cli(capsys, config, "billing", "join", "--workspace", str(workspace_id), "--max-devices", "10")

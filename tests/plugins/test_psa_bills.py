@@ -1,37 +1,22 @@
-"""What the PSA adapters share: the marker, line pricing, options and refusals. No network."""
+"""What the PSA adapters share about bills: the marker, line pricing, PSA numbers and refusals. No network."""
 
 from __future__ import annotations
 
 from datetime import date
 from decimal import Decimal
+from functools import partial
 
+import builders
 import pytest
 
 from gateway.adapters import BillDocument, BillLineDoc
-from gateway.errors import ConfigError, PermanentError
-from gateway.plugins import psa_common as c
+from gateway.errors import PermanentError
+from gateway.plugins import psa_bills as c
 
 FEB = (date(2026, 2, 1), date(2026, 2, 28))
 
 
-def bill(**kw) -> BillDocument:
-    values = dict(
-        key="gw-main-7-plan-3-20260201-20260228",
-        number="INV-2026-0042",
-        company_external_id="12",
-        customer_name="Acme Dental",
-        currency="USD",
-        period_start=FEB[0],
-        period_end=FEB[1],
-        issued_on=date(2026, 3, 1),
-        due_on=date(2026, 3, 31),
-        device_count=3,
-        total=Decimal("25.00"),
-        lines=(BillLineDoc("Managed devices", Decimal(3), Decimal("5.00"), Decimal("15.00")),
-               BillLineDoc("Activation fee", Decimal(1), Decimal("10.00"), Decimal("10.00"))),
-    )
-    values.update(kw)
-    return BillDocument(**values)
+bill = partial(builders.bill, key="gw-main-7-plan-3-20260201-20260228", number="INV-2026-0042", unit_price="5.00")
 
 
 def cycle(start: date, end: date, key: str) -> BillDocument:
@@ -151,36 +136,3 @@ def test_g2_the_same_bill_the_next_cycle_or_an_unmarked_object_may_be_written():
     march = cycle(date(2026, 3, 1), date(2026, 3, 31), "gw-main-7-plan-3-20260301-20260331")
     for marker, incoming in ((c.marker_for(HELD), HELD), (c.marker_for(HELD), march), (None, HELD)):
         assert c.refuse_overwrite(marker, incoming, "Addition 5", "x") is None
-
-
-# --- options -------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("value, expected", [(None, 7), ("", 7), (25, 25), ("25", 25), (" 25 ", 25), (500, 500)])
-def test_whole_number_options_take_integers_and_digit_strings(value, expected):
-    assert c.int_option("conn", {"n": value}, "n", 7, 1, 500) == expected
-
-
-@pytest.mark.parametrize("value", [0, 501, -3, "abc", "2.5", 2.5, True, [1], {"n": 1}])
-def test_a_bad_whole_number_option_is_a_config_error_saying_what_it_takes(value):
-    with pytest.raises(ConfigError, match=r"^connection 'conn': options\.n must be a whole number from 1 to 500, got "):
-        c.int_option("conn", {"n": value}, "n", 7, 1, 500)
-
-
-def test_text_and_url_options():
-    assert c.text_option("conn", {"t": " Managed "}, "t", example="Managed") == "Managed"
-    assert c.text_option("conn", {}, "t", "Standard", example="Standard") == "Standard"
-    with pytest.raises(ConfigError, match=r"options\.t must be a non-blank text such as 'Standard', got 3"):
-        c.text_option("conn", {"t": 3}, "t", example="Standard")
-    assert c.url_option("conn", {"u": "https://x.example/"}, "u", "https://x.example/") == "https://x.example/"
-    with pytest.raises(ConfigError, match=r"options\.u must be an http\(s\) URL such as 'https://x.example/'"):
-        c.url_option("conn", {"u": "x.example"}, "u", "https://x.example/")
-
-
-def test_choice_and_unknown_options():
-    assert c.choice_option("conn", {}, "delivery", ("invoice", "addition"), "invoice") == "invoice"
-    with pytest.raises(ConfigError, match="options.delivery must be one of invoice, addition, got 'mail'"):
-        c.choice_option("conn", {"delivery": "mail"}, "delivery", ("invoice", "addition"), "invoice")
-    with pytest.raises(ConfigError, match=r"unknown option\(s\) colour, size for HaloPSA \(known: page_size, tenant\)"):
-        c.refuse_unknown("conn", "HaloPSA", {"size": 1, "colour": 2, "tenant": "x"}, ("tenant", "page_size"))
-

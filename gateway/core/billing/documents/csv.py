@@ -1,9 +1,7 @@
-"""Bill documents: CSV and PDF per bill and per customer (S5), the device usage report (M7).
+"""Bills as CSV: per bill and per customer (S5), and the device usage report (M7).
 
-Rendering only: callers load the bills (with their lines) and pass them in.
-The PDF layout is in :mod:`gateway.core.invoice_pdf`, imported when a PDF is
-made. CSV cells that a spreadsheet would run as a formula are prefixed with
-``'`` (OWASP's CSV injection advice).
+CSV cells that a spreadsheet would run as a formula are prefixed with ``'``
+(OWASP's CSV injection advice).
 """
 
 from __future__ import annotations
@@ -11,11 +9,10 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterable, Sequence
-from decimal import Decimal
 
-from gateway.core.billing import minor_units
-from gateway.core.bills import UsageRow
-from gateway.core.models import Bill, Customer, Partner
+from gateway.core.billing.documents.format import money, number
+from gateway.core.billing.reports import UsageRow
+from gateway.core.models import Bill, Customer
 
 BILL_COLUMNS = (
     "bill_number", "customer", "kind", "period_start", "period_end", "issued_on", "due_on", "status", "currency",
@@ -25,17 +22,6 @@ USAGE_COLUMNS = (
     "bill_number", "customer", "workspace", "connection", "device_id", "hostname", "period_start", "period_end",
     "days_active",
 )
-
-
-def money(amount: Decimal, currency: str) -> str:
-    """An amount shown with exactly the currency's minor digits (stored values keep four)."""
-    return f"{amount.quantize(Decimal(1).scaleb(-minor_units(currency))):f}"
-
-
-def number(value: Decimal) -> str:
-    """A quantity or unit price without trailing zeros (10.0000 -> 10, 1.4516 stays)."""
-    text = f"{value.normalize():f}"
-    return text
 
 
 def _safe_cell(text: str) -> str:
@@ -51,7 +37,7 @@ def _csv(header: Sequence[str], rows: Iterable[Sequence[object]]) -> bytes:
 
 
 def _bill_rows(bill: Bill, customer: Customer) -> list[list[object]]:
-    head = [
+    head: list[object] = [
         bill.number, _safe_cell(customer.name), bill.kind.value, bill.period_start.isoformat(), bill.period_end.isoformat(),
         bill.issued_on.isoformat(), bill.due_on.isoformat(), bill.status.value, bill.currency, bill.device_count,
     ]
@@ -86,21 +72,3 @@ def usage_csv(rows: Sequence[UsageRow]) -> bytes:
             for r in rows
         ),
     )
-
-
-# --- PDF (gateway.core.invoice_pdf) ----------------------------------------------------------
-
-
-def bill_pdf(bill: Bill, customer: Customer, partner: Partner) -> bytes:
-    """S5: one bill as a readable invoice: partner, customer, cycle, lines, total, due date."""
-    # fpdf2 is imported on the first PDF, not at start-up.
-    from gateway.core import invoice_pdf
-
-    return invoice_pdf.bill_pdf(bill, customer, partner)
-
-
-def consolidated_pdf(customer: Customer, partner: Partner, bills: Sequence[Bill]) -> bytes:
-    """S5: a summary of every bill of the customer, then each bill on its own page."""
-    from gateway.core import invoice_pdf
-
-    return invoice_pdf.consolidated_pdf(customer, partner, bills)

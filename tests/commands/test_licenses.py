@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from builders import write_config
 from sqlalchemy import select
 
 from gateway.cli import main
 from gateway.core import db as gdb
 from gateway.core.models import ApiToken, Customer, Edition, Partner, Workspace
 
-NOW = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,7 @@ def seeded_db(tmp_path_factory) -> Path:
     """A database made by ``gateway db upgrade`` and seeded once; each test works on its own copy."""
     folder = tmp_path_factory.mktemp("cli")
     db_path = folder / "seeded.db"
-    path = folder / "gateway.toml"
-    path.write_text(f'[database]\nurl = "sqlite:///{db_path}"\n')
+    path = write_config(folder / "gateway.toml", database_url=f"sqlite:///{db_path}")
     assert main(["--config", str(path), "db", "upgrade"]) == 0
     engine = gdb.make_engine(f"sqlite:///{db_path}")
     with gdb.transaction(gdb.session_factory(engine)) as s:
@@ -46,8 +46,8 @@ def seeded_db(tmp_path_factory) -> Path:
 def cfg(seeded_db: Path, tmp_path: Path, capsys) -> str:
     db_path = tmp_path / "gateway.db"
     shutil.copy(seeded_db, db_path)
-    path = tmp_path / "gateway.toml"
-    path.write_text(f'[database]\nurl = "sqlite:///{db_path}"\n\n[licensing.prices]\nBUS = "30"\nENT = "50"\n')
+    path = write_config(tmp_path / "gateway.toml", database_url=f"sqlite:///{db_path}",
+                        sections={"licensing.prices": {"BUS": "30", "ENT": "50"}})
     capsys.readouterr()
     return str(path)
 

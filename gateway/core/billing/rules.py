@@ -1,9 +1,9 @@
-"""Rules M1-M8 and S1-S8 as pure calculations: cycles, dates, proration, rounding, bill drafts.
+"""Rules M1-M8 and S1-S8 as pure calculations: money, time zones, cycles, the monthly calendar.
 
-Nothing here opens a session or does I/O; :mod:`gateway.core.bills` loads the
-data, calls these functions and stores what they return. Calendar days are
-plain ``date`` objects in the customer's time zone (S4); instants are aware UTC
-``datetime`` objects. Money is ``Decimal``.
+Nothing here opens a session or does I/O; the other modules of
+:mod:`gateway.core.billing` load the data, call these functions and store
+what they return. Calendar days are plain ``date`` objects in the customer's
+time zone (S4); instants are aware UTC ``datetime`` objects. Money is ``Decimal``.
 
 Decisions the rules leave open (each is also stated where it is made):
 
@@ -13,23 +13,21 @@ Decisions the rules leave open (each is also stated where it is made):
 - Bills are built in arrears, after the cycle's last local day: only then is it
   known which devices were active (M5, and the same rule for service plans).
 - A device counts for a cycle when it was active on at least one day of it.
-- Every line is rounded on its own, ROUND_HALF_UP, to the currency's ISO 4217
-  minor unit; the total is the sum of the rounded lines.
-- S7 proration is by calendar days, never by hours, so a DST change inside a
-  cycle moves no money: a 31-day March is 31 days whether it has 743 or 744 hours.
+- Amounts are rounded to the currency's ISO 4217 minor unit (:func:`round_money`);
+  how a bill's lines are priced and rounded is in :mod:`~gateway.core.billing.drafts`.
 """
 
 from __future__ import annotations
 
 import calendar
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from gateway.core.models import BillingCycle, BillKind
+from gateway.core.models import BillingCycle
 from gateway.errors import DomainError
 
 # --- money --------------------------------------------------------------------------
@@ -106,7 +104,7 @@ def local_midnight(day: date, tz: str) -> datetime:
     Where midnight falls in a DST gap (e.g. America/Santiago), the first instant
     of the day is the moment of the change; ``fold=0`` gives exactly that.
     """
-    return datetime.combine(day, time(0), tzinfo=zone(tz)).astimezone(timezone.utc)
+    return datetime.combine(day, time(0), tzinfo=zone(tz)).astimezone(UTC)
 
 
 # --- periods and cycles (S2, S4) ------------------------------------------------------
@@ -346,129 +344,3 @@ def device_refusal(max_devices: int | None, registered: int) -> str | None:
             "raise the workspace's maximum device count to accept this device"
         )
     return None
-
-
-# --- prices and proration (S1, S7) --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PricePoint:
-    """S7: a plan price that applies from a customer-local day on."""
-
-    effective_from: date
-    price: Decimal
-
-
-def price_segments(period: Period, prices: Sequence[PricePoint]) -> list[tuple[Period, Decimal]]:
-    """Split a cycle at each price change inside it; each part carries the price of its days."""
-    ordered = sorted(prices, key=lambda p: p.effective_from)
-    if not ordered or ordered[0].effective_from > period.start:
-        raise DomainError(f"the plan has no price for {period.start}; set a price effective from that day or earlier")
-    segments: list[tuple[Period, Decimal]] = []
-    for index, point in enumerate(ordered):
-        until = ordered[index + 1].effective_from - timedelta(days=1) if index + 1 < len(ordered) else None
-        part = period.intersect(point.effective_from, until)
-        if part is not None:
-            segments.append((part, point.price))
-    return segments
-
-
-@dataclass
-class DraftLine:
-    """One line of a bill before it is stored. ``amount`` is authoritative and already rounded."""
-
-    kind: str
-    description: str
-    quantity: Decimal
-    unit_price: Decimal
-    amount: Decimal
-
-
-def device_lines(
-    label: str, period: Period, device_count: int, prices: Sequence[PricePoint], currency: str
-) -> list[DraftLine]:
-    """S1/S7: devices x price per cycle; one line per price in force during the cycle.
-
-    A part of a cycle is charged ``devices x price x part_days / cycle_days``,
-    rounded once per line (S7 decision). The stored unit price is the prorated
-    price per device at four places; the amount is computed from the exact
-    fraction, so it never inherits the unit price's rounding.
-    """
-    segments = price_segments(period, prices)
-    count = Decimal(device_count)
-    lines = []
-    for part, price in segments:
-        if part == period:
-            unit, exact = price, count * price
-            description = f"{label}: {device_count} device(s) x {price.normalize():f} {currency}, {period.label()}"
-        else:
-            fraction = Decimal(part.days) / Decimal(period.days)
-            exact = count * price * Decimal(part.days) / Decimal(period.days)
-            unit = (price * fraction).quantize(STORED_PLACES, rounding=ROUND_HALF_UP)
-            description = (
-                f"{label}: {device_count} device(s) x {price.normalize():f} {currency}, {part.label()} "
-                f"({part.days}/{period.days} days)"
-            )
-        lines.append(DraftLine("devices", description, count, unit, round_money(exact, currency)))
-    return lines
-
-
-# --- bill drafts (S3) --------------------------------------------------------------------------
-
-
-@dataclass
-class BillDraft:
-    """A computed bill, not yet stored: what ``gateway_bill_built`` hooks see and may add lines to.
-
-    ``devices`` maps device ids to their active days in the cycle (the M7 usage
-    rows); ``adjustment_ids`` are the pending charges, discounts and credits the
-    bill takes up (S3).
-    """
-
-    partner_id: int
-    customer_id: int
-    customer_name: str
-    timezone: str
-    kind: BillKind
-    source_id: int
-    period: Period
-    currency: str
-    issued_on: date
-    due_on: date
-    email: str | None = None
-    device_count: int = 0
-    lines: list[DraftLine] = field(default_factory=list)
-    devices: dict[int, int] = field(default_factory=dict)
-    adjustment_ids: list[int] = field(default_factory=list)
-    number: str | None = None
-
-    @property
-    def total(self) -> Decimal:
-        return sum((line.amount for line in self.lines), Decimal(0)).quantize(
-            Decimal(1).scaleb(-minor_units(self.currency))
-        )
-
-    @property
-    def key(self) -> tuple[int, BillKind, int, date]:
-        """The bill's identity: one per (customer, kind, source, cycle start); running twice adds nothing."""
-        return (self.customer_id, self.kind, self.source_id, self.period.start)
-
-    def add_line(self, kind: str, description: str, quantity: Decimal, unit_price: Decimal, amount: Decimal) -> DraftLine:
-        line = DraftLine(kind, description, quantity, unit_price, round_money(amount, self.currency))
-        self.lines.append(line)
-        return line
-
-
-def due_date(issued_on: date, due_days: int) -> date:
-    """S3: a bill is due ``due_days`` after its issue day (customer-local)."""
-    return issued_on + timedelta(days=due_days)
-
-
-def is_overdue(due_on: date, today: date) -> bool:
-    """S3: overdue from the first local day after the due date (the due date itself is still on time)."""
-    return today > due_on
-
-
-def format_bill_number(prefix: str, issued_on: date, sequence: int) -> str:
-    """``PREFIX-YYYY-MM-NNNNNN``: the issue month and the partner's sequence number."""
-    return f"{prefix}-{issued_on:%Y-%m}-{sequence:06d}"

@@ -6,18 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
+from builders import write_config
 
 from gateway.cli import main
 from gateway.plugins.ninjaone import simulator
 
 
 def test_g1_sync_once_lists_unmapped_then_bills_only_mapped_devices(tmp_path: Path, ninja_simulator_url, capsys):
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f'[database]\nurl = "sqlite:///{tmp_path / "g.db"}"\n[[connections]]\nname = "ninja"\nplugin = "ninjaone"\n'
-        f'base_url = "{ninja_simulator_url}"\n'
-        f'credentials = {{ client_id = "{simulator.DEFAULT_CLIENT_ID}", client_secret = "{simulator.DEFAULT_CLIENT_SECRET}" }}\n'
-    )
+    config = write_config(tmp_path / "gateway.toml", database_url=f"sqlite:///{tmp_path / 'g.db'}", connections=[
+        {"name": "ninja", "plugin": "ninjaone", "base_url": ninja_simulator_url,
+         "credentials": {"client_id": simulator.DEFAULT_CLIENT_ID, "client_secret": simulator.DEFAULT_CLIENT_SECRET}},
+    ])
     run = lambda *argv: main(["--config", str(config), *argv])  # noqa: E731
     assert run("db", "upgrade") == 0
     assert run("partners", "add", "Northwind") == 0

@@ -1,8 +1,7 @@
 """Bills as PDF invoices (S5), rendered with fpdf2.
 
 A module of its own because fpdf2 takes a third of a second to import: the
-CLI and the daemon load it when they first make a PDF (through
-:func:`gateway.core.documents.bill_pdf` and ``consolidated_pdf``), not at
+CLI and the daemon import this module where they first make a PDF, not at
 start-up. It uses fpdf2's built-in Helvetica, which covers Latin-1; characters
 outside it are printed as "?" (decision: no font file to ship or find at run
 time, and a readable invoice rather than a failed one).
@@ -12,13 +11,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import date, datetime, time, timezone
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 
 from fpdf import FPDF
 from fpdf.fonts import FontFace
 
-from gateway.core.documents import money, number
+from gateway.core.billing.documents.format import money, number
 from gateway.core.models import Bill, BillStatus, Customer, Partner
 
 
@@ -29,7 +28,7 @@ def _latin1(text: str) -> str:
 class _Invoice(FPDF):
     def __init__(self, stamp: date):
         super().__init__(format="A4")
-        self.set_creation_date(datetime.combine(stamp, time(0), tzinfo=timezone.utc))
+        self.set_creation_date(datetime.combine(stamp, time(0), tzinfo=UTC))
         self.set_auto_page_break(auto=True, margin=18)
         self.set_margins(18, 18, 18)
 

@@ -1,4 +1,4 @@
-"""What the bundled simulators share: fault injection, a request window, company names.
+"""Fault injection for a simulator: 429s, 5xx, slow answers, dropped connections and expired tokens, on plan.
 
 A simulator keeps one :class:`Faults` in its app (``app[FAULTS]``) and asks it, at the
 start of every API request, whether this response should be a fault. Tests and
@@ -14,8 +14,6 @@ benchmarks plan faults at runtime; they are served in order, one response each::
 from __future__ import annotations
 
 import asyncio
-import random
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,32 +40,32 @@ class Faults:
         self.token_generation = 0
         self.served = 0
 
-    def allow(self, times: int = 1) -> "Faults":
+    def allow(self, times: int = 1) -> Faults:
         """The next ``times`` responses are normal (to place a later fault mid-way)."""
         self._planned.extend(_Fault("allow") for _ in range(times))
         return self
 
-    def throttle(self, times: int = 1, *, retry_after: float | None = None) -> "Faults":
+    def throttle(self, times: int = 1, *, retry_after: float | None = None) -> Faults:
         """The next ``times`` responses are 429, with ``Retry-After`` when given."""
         self._planned.extend(_Fault("throttle", 429, retry_after) for _ in range(times))
         return self
 
-    def fail(self, times: int = 1, *, status: int = 503) -> "Faults":
+    def fail(self, times: int = 1, *, status: int = 503) -> Faults:
         """The next ``times`` responses are server errors."""
         self._planned.extend(_Fault("fail", status) for _ in range(times))
         return self
 
-    def slow(self, times: int = 1, *, seconds: float = 1.0) -> "Faults":
+    def slow(self, times: int = 1, *, seconds: float = 1.0) -> Faults:
         """The next ``times`` responses are delayed by ``seconds``, then served normally."""
         self._planned.extend(_Fault("slow", seconds=seconds) for _ in range(times))
         return self
 
-    def drop(self, times: int = 1) -> "Faults":
+    def drop(self, times: int = 1) -> Faults:
         """The next ``times`` requests have their connection closed without a response."""
         self._planned.extend(_Fault("drop") for _ in range(times))
         return self
 
-    def expire_tokens(self) -> "Faults":
+    def expire_tokens(self) -> Faults:
         """Every token issued so far is rejected from now on (401), as after a token lifetime."""
         self.token_generation += 1
         return self
@@ -99,59 +97,3 @@ class Faults:
             headers["Retry-After"] = f"{fault.retry_after:g}"
         message = "Too many requests" if fault.status == 429 else "Service temporarily unavailable"
         return web.json_response(error_body(fault.status, message), status=fault.status, headers=headers)
-
-
-class RequestWindow:
-    """A tool's sliding request quota: ``limit`` requests in the last ``per_seconds`` (real time)."""
-
-    def __init__(self, limit: int, per_seconds: float):
-        self.limit = limit
-        self.per_seconds = per_seconds
-        self._times: deque[float] = deque()
-
-    def _trim(self, now: float) -> None:
-        while self._times and self._times[0] <= now - self.per_seconds:
-            self._times.popleft()
-
-    def count(self) -> int:
-        """Requests inside the window now."""
-        self._trim(time.monotonic())
-        return len(self._times)
-
-    def admit(self) -> float | None:
-        """Count a request; None if it fits, else the seconds until a slot frees (it is not counted)."""
-        now = time.monotonic()
-        self._trim(now)
-        if len(self._times) >= self.limit:
-            return max(0.0, self._times[0] + self.per_seconds - now)
-        self._times.append(now)
-        return None
-
-
-_FIRST = (
-    "Acme", "Alpine", "Apex", "Aurora", "Beacon", "Birch", "Blue Ridge", "Bright", "Cedar", "Civic", "Coastal",
-    "Copper", "Crescent", "Delta", "Eastside", "Evergreen", "Falcon", "Granite", "Harbor", "Highland", "Iron",
-    "Juniper", "Keystone", "Lakeside", "Liberty", "Maple", "Meridian", "Northwind", "Oak", "Orchard", "Pioneer",
-    "Prairie", "Quarry", "Redwood", "Riverside", "Sierra", "Silver", "Summit", "Sunrise", "Tidewater", "Valley",
-    "Westfield", "Willow",
-)
-_SECOND = (
-    "Accounting", "Architects", "Auto Group", "Bakery", "Builders", "Clinic", "Consulting", "Dental", "Design",
-    "Engineering", "Family Practice", "Farms", "Fitness", "Foods", "Freight", "Health", "Hotels", "Insurance",
-    "Law", "Logistics", "Manufacturing", "Marine", "Media", "Motors", "Pharmacy", "Plumbing", "Properties",
-    "Realty", "Schools", "Solar", "Storage", "Supply", "Tax Advisors", "Veterinary", "Wealth",
-)
-_SUFFIX = ("LLC", "Inc", "Ltd", "GmbH", "Group", "& Co", "Partners", "")
-
-
-def company_names(rng: random.Random, count: int) -> list[str]:
-    """``count`` distinct, plausible customer names drawn from ``rng``."""
-    names: list[str] = []
-    seen: set[str] = set()
-    while len(names) < count:
-        name = " ".join(p for p in (rng.choice(_FIRST), rng.choice(_SECOND), rng.choice(_SUFFIX)) if p)
-        if name in seen:
-            name = f"{name} {len(names) + 1}"
-        seen.add(name)
-        names.append(name)
-    return names
