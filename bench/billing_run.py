@@ -142,7 +142,7 @@ def populate(engine: Engine, customers: int, devices: int, partners: int, seed: 
         share = rng.choice((0.15, 0.6, 0.9, 1.0))
         for day in days:
             if rng.random() < share:
-                batch.append({"device_id": d, "day": day})
+                batch.append({"device_id": d, "day": day, "workspace_id": 1 + (d - 1) % customers})
         if len(batch) >= CHUNK:
             _insert(engine, DeviceActivity.__table__, batch)
             total += len(batch)

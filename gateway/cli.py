@@ -23,7 +23,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gateway.commands.plugins",
     "gateway.commands.plugin_new",
     "gateway.commands.config",
+    "gateway.commands.editions",
     "gateway.commands.directory",
+    "gateway.commands.devices",
     "gateway.commands.deliveries",
     "gateway.commands.run",
     "gateway.commands.billing",
@@ -32,6 +34,9 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 EXIT_USAGE = 2
+#: A reader that went away (``gateway ... --json | head``): what a shell reports for any Unix tool
+#: that SIGPIPE stopped (128 + 13), so ``set -o pipefail`` sees this command exactly as it sees ``cat``.
+EXIT_BROKEN_PIPE = 141
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.handler(args)
+        sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
     except GatewayError as exc:
         if args.debug:
             raise
@@ -62,7 +71,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from gateway.core.db import is_lock_error
+
+        if args.debug or not is_lock_error(exc):
+            raise
+        # Another process held the database's write lock past the busy timeout: one line, not a traceback.
+        print("gateway: error: the database is busy (another gateway process held its write lock too long); "
+              "nothing was half-done, run the command again", file=sys.stderr)
+        return EXIT_USAGE
     return int(result or 0)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush cannot fail a second time (Python's recipe)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout has no file descriptor (a test's capture): nothing to protect
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

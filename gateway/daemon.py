@@ -23,6 +23,7 @@ under :data:`gateway.web.health.SCHEDULER_KEY` for ``/readyz``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ import structlog
 from aiohttp import web
 
 from gateway.app import Gateway
+from gateway.errors import ConfigError
 from gateway.sync.scheduler import Leadership, ScheduledJob, Scheduler
 from gateway.web.app import create_app
 from gateway.web.health import SCHEDULER_KEY
@@ -85,12 +87,35 @@ def build_daemon_app(gateway: Gateway, *, scheduler: bool | None = None) -> web.
     return app
 
 
+#: How to move the daemon's port, for :func:`bind_error`.
+RUN_PORT_SETTING = "set [server] port in the config file or GATEWAY_SERVER__PORT"
+
+
+def bind_error(exc: OSError, host: str, port: int, how_to_move: str) -> ConfigError | None:
+    """One clear line for a listening socket that cannot be opened (the port is taken, or not ours to take).
+
+    ``None`` for any other OSError, which stays a bug with a traceback.
+    """
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(f"port {port} on {host} is already in use by another program; {how_to_move} "
+                           "to another port")
+    if exc.errno in (errno.EACCES, errno.EADDRNOTAVAIL):
+        return ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); {how_to_move}")
+    return None
+
+
 def run(gateway: Gateway) -> int:
     """Serve until SIGTERM/SIGINT; exit 0 after a graceful stop."""
     server = gateway.settings.server
     app = build_daemon_app(gateway)
     log.info("daemon.starting", host=server.host, port=server.port)
-    web.run_app(app, host=server.host, port=server.port, print=None,
-                shutdown_timeout=server.shutdown_timeout_seconds, handle_signals=True)
+    try:
+        web.run_app(app, host=server.host, port=server.port, print=None,
+                    shutdown_timeout=server.shutdown_timeout_seconds, handle_signals=True)
+    except OSError as exc:
+        error = bind_error(exc, server.host, server.port, RUN_PORT_SETTING)
+        if error is None:
+            raise
+        raise error from exc
     log.info("daemon.stopped")
     return 0

@@ -121,7 +121,12 @@ def _start_smtp_sink() -> tuple[Any, int]:
     return controller, port
 
 
-def write_config(directory_path: Path, sims: Simulators) -> Path:
+#: How to move the demo's admin API (``gateway demo --serve``) to another port.
+DEMO_PORT_SETTING = "choose another with 'gateway demo --serve --port N'"
+DEMO_PORT = 8080
+
+
+def write_config(directory_path: Path, sims: Simulators, *, port: int = DEMO_PORT) -> Path:
     """The demo's configuration: a SQLite file and one connection per simulator (simulator credentials)."""
     from gateway.plugins.datto_rmm import simulator as datto
     from gateway.plugins.ninjaone import simulator as ninjaone
@@ -131,6 +136,9 @@ def write_config(directory_path: Path, sims: Simulators) -> Path:
         f"""# Written by `gateway demo`; the URLs are the simulators of this run.
 [database]
 url = "sqlite:///{(directory_path / 'gateway.db').as_posix()}"
+
+[server]
+port = {port}
 
 [logging]
 level = "warning"
@@ -268,7 +276,25 @@ def map_organizations(gateway: Gateway) -> list[str]:
     return left_unmapped
 
 
-async def run_demo(directory_path: Path, *, serve: bool = False, today: date | None = None) -> int:
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a taken port before the demo's month of work, not after it (the serve step binds it again)."""
+    import socket
+
+    from gateway.daemon import bind_error
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's server does
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            error = bind_error(exc, host, port, DEMO_PORT_SETTING)
+            if error is None:
+                raise
+            raise error from exc
+
+
+async def run_demo(directory_path: Path, *, serve: bool = False, today: date | None = None,
+                   port: int = DEMO_PORT) -> int:
     from gateway.sync.devices import pull_all
     from gateway.sync.jobs import billing_job
     from gateway.sync.outbox import deliver_until_idle
@@ -277,10 +303,12 @@ async def run_demo(directory_path: Path, *, serve: bool = False, today: date | N
     today = today or datetime.now(UTC).date()
     period = last_month(today)
     clock = FrozenClock(datetime.combine(period.start - timedelta(days=1), time(12), tzinfo=UTC))
+    if serve:
+        check_port_free("127.0.0.1", port)
     _prepare_directory(directory_path)
     sims = await start_simulators(clock)
     try:
-        config = write_config(directory_path, sims)
+        config = write_config(directory_path, sims, port=port)
         settings = load_settings(config)
         engine = gdb.make_engine(settings.database.url)
         gdb.upgrade(engine)
@@ -390,7 +418,7 @@ async def _serve(gateway: Gateway) -> None:
     """Keep the daemon (admin API, webhooks, health, metrics) running until Ctrl-C."""
     from gateway.core.models import UserRole
     from gateway.core.users import create_token, create_user
-    from gateway.daemon import build_daemon_app
+    from gateway.daemon import bind_error, build_daemon_app
 
     with transaction(gateway.db) as session:
         partner = directory.only_partner(session)
@@ -402,7 +430,14 @@ async def _serve(gateway: Gateway) -> None:
     await runner.setup()
     server = gateway.settings.server
     site = web.TCPSite(runner, server.host, server.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        error = bind_error(exc, server.host, server.port, DEMO_PORT_SETTING)
+        if error is None:
+            raise
+        raise error from exc
     print(f"\nserving the admin API on http://{server.host}:{server.port}/api/v1/ (Ctrl-C to stop)")
     print(f"  curl -H 'Authorization: Bearer {token}' http://{server.host}:{server.port}/api/v1/licenses")
     try:

@@ -123,7 +123,9 @@ def gateway_webhook_received(connection: str, event: WebhookEvent) -> Awaitable[
 def gateway_notify(event: str, payload: Mapping[str, Any]) -> Awaitable[None] | None:
     """Called when something happened that a person should hear about.
 
-    Events: ``license.reminder`` (L4), ``delivery.dead_lettered`` (G2),
+    Events: ``license.reminder`` (L4), ``license.renewal_at_risk`` (L4: an
+    auto-renewal that will fail, told to the partner once when known; payload
+    ``reason``), ``license.auto_renew_failed`` (L13), ``delivery.dead_lettered`` (G2),
     ``reconciliation.difference`` (G3), ``connection.degraded``,
     ``connection.recovered``, and ``bill.email_failed`` (S2: every try to
     e-mail a bill failed; payload ``bill`` (its number), ``bill_id``,

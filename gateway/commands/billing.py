@@ -16,10 +16,9 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway.commands.common import add_json_flag, gateway_from_args, print_json, print_table
+from gateway.commands.common import add_json_flag, gateway_from_args, partner_id_from_args, print_json, print_table
 from gateway.core.access import Principal, system_principal
 from gateway.core.billing import associations, lifecycle, plans, reports, subscriptions
 from gateway.core.billing import run as billing_run
@@ -30,7 +29,19 @@ from gateway.core.billing.rules import final_billing_date, parse_month
 from gateway.core.clock import FrozenClock
 from gateway.core.db import transaction
 from gateway.core.models import Bill, BillingCycle, BillStatus, Customer, Partner, PlanAssociation, ServicePlan
-from gateway.errors import DomainError, NotFound
+from gateway.errors import DomainError
+
+# ``bill`` and ``billing`` are too close to tell apart by name: each one's help says what it is and names the other.
+BILL_HELP = "the billing run: build every bill that is due, once (service-plan cycles and monthly months), e-mail them"
+BILL_HELP_MORE = ("It bills customers on service plans (S: 'gateway plans', 'gateway associations') per cycle and, "
+                  "for partners with monthly active-device billing (M), each month's active devices.")
+BILL_OTHER = "To enable, join, cancel or look back on monthly active-device billing, use 'gateway billing'."
+BILLING_HELP = ("monthly active-device billing (M): enable, join, cancel, history; "
+                "not the billing run ('gateway bill')")
+BILLING_HELP_MORE = ("It is the partner's monthly subscription: an activation payment, then each month a price per "
+                     "device active in the workspaces that joined it, with no service plan involved.")
+BILLING_OTHER = ("Its monthly bills, like the service-plan bills (S: 'gateway plans'), are built by the billing "
+                 "run, 'gateway bill', or by the daemon's scheduler.")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,17 +72,7 @@ def _day(text: str) -> date:
 
 
 def _principal(session: Session, args: argparse.Namespace) -> Principal:
-    actor = f"cli:{_user()}"
-    if getattr(args, "partner", None) is not None:
-        if session.get(Partner, args.partner) is None:
-            raise NotFound(f"no partner with id {args.partner}", field="partner")
-        return system_principal(args.partner, actor)
-    ids = list(session.scalars(select(Partner.id).order_by(Partner.id).limit(2)))
-    if len(ids) == 1:
-        return system_principal(ids[0], actor)
-    if not ids:
-        raise NotFound("the store holds no partner yet; create one first")
-    raise DomainError("the store holds several partners; say which with --partner ID", field="partner")
+    return system_principal(partner_id_from_args(session, args), f"cli:{_user()}")
 
 
 def _user() -> str:
@@ -104,13 +105,14 @@ def _register_plans(subparsers: argparse._SubParsersAction) -> None:
     add = _action(actions, "add", _plans_add, "create a service plan")
     add.add_argument("--name", required=True)
     add.add_argument("--price", required=True, help="price per device per cycle, e.g. 12.50")
-    add.add_argument("--currency", required=True, help="ISO 4217 code, e.g. USD")
+    add.add_argument("--currency", help="ISO 4217 code, e.g. USD (default: [billing] default_currency)")
     show = _action(actions, "show", _plans_show, "a plan and its price history")
     show.add_argument("plan_id", type=int)
     price = _action(actions, "price", _plans_price, "change a plan's price from a day on (S7: prorated by days)")
     price.add_argument("plan_id", type=int)
     price.add_argument("--price", required=True)
-    price.add_argument("--from", dest="effective_from", type=_day, help="first day of the new price (default: today, UTC)")
+    price.add_argument("--from", dest="effective_from", type=_day,
+                       help="first day of the new price, customer-local (default: today in each customer's zone)")
     archive = _action(actions, "archive", _plans_archive, "archive a plan that has no open association")
     archive.add_argument("plan_id", type=int)
 
@@ -127,7 +129,8 @@ def _plans_add(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with transaction(gateway.db) as session:
         plan = plans.create_plan(session, _principal(session, args), name=args.name, price_per_device=args.price,
-                                 currency=args.currency, now=gateway.clock.now())
+                                 currency=args.currency or gateway.settings.billing.default_currency,
+                                 now=gateway.clock.now())
         row = _plan_row(plan)
     _out(args, [row], ["id", "name", "price_per_device", "currency"])
     return 0
@@ -152,10 +155,20 @@ def _plans_price(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     now = gateway.clock.now()
     with transaction(gateway.db) as session:
-        plan = plans.change_price(session, _principal(session, args), args.plan_id, price_per_device=args.price,
-                                  effective_from=args.effective_from or now.date(), now=now)
-        row = _plan_row(plan)
-    _out(args, [row], ["id", "name", "price_per_device", "currency"])
+        change = plans.change_price(session, _principal(session, args), args.plan_id, price_per_device=args.price,
+                                    effective_from=args.effective_from, now=now)
+        row = _plan_row(change.plan)
+        customers = [{"customer_id": c.customer_id, "customer": c.customer, "effective_from": c.effective_from,
+                      "billed_through": c.billed_through} for c in change.customers]
+    if args.json:
+        print_json({**row, "effective_from": change.effective_from, "customers": customers})
+        return 0
+    print_table([row], ["id", "name", "price_per_device", "currency"])
+    print_table(customers, ["customer_id", "customer", "effective_from", "billed_through"],
+                title="the new price applies to each customer from (its local day):")
+    for c in change.deferred:
+        print(f"note: {c.customer} is billed through {c.billed_through}, so the new price applies to it from its "
+              f"next cycle, {c.effective_from} (correct a billed cycle with a credit or charge)")
     return 0
 
 
@@ -191,7 +204,7 @@ def _register_associations(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--cycle", choices=[c.value for c in BillingCycle], required=True)
     add.add_argument("--start", type=_day, required=True, help="first day of the first cycle (customer-local)")
     add.add_argument("--due-days", type=int, default=None, help="days until a bill is due (default: [billing])")
-    add.add_argument("--email", required=True, help="where the bills are sent")
+    add.add_argument("--email", help="where the bills are sent (default: each customer's billing e-mail)")
     remove = _action(actions, "remove", _associations_remove,
                      "dissociate customers from a plan; the current cycle is still billed (S6)")
     remove.add_argument("--plan", type=int, metavar="ID", required=True)
@@ -211,13 +224,35 @@ def _associations_add(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     due_days = args.due_days if args.due_days is not None else gateway.settings.billing.default_due_days
     with transaction(gateway.db) as session:
-        created = associations.associate(session, _principal(session, args), plan_id=args.plan,
-                                         customer_ids=args.customer, cycle=args.cycle, starts_on=args.start,
-                                         due_days=due_days, email=args.email, mail=gateway.settings.mail,
-                                         now=gateway.clock.now())
+        principal = _principal(session, args)
+        created = []
+        for email, customer_ids in _association_emails(session, principal, args).items():
+            created += associations.associate(session, principal, plan_id=args.plan, customer_ids=customer_ids,
+                                              cycle=args.cycle, starts_on=args.start, due_days=due_days, email=email,
+                                              mail=gateway.settings.mail, now=gateway.clock.now())
         rows = [_association_row(a) for a in created]
     _out(args, rows, _ASSOCIATION_COLUMNS)
     return 0
+
+
+def _association_emails(session: Session, principal: Principal, args: argparse.Namespace) -> dict[str, list[int]]:
+    """Where each customer's bills go: ``--email`` for all, else each customer's own billing e-mail."""
+    if args.email is not None:
+        return {args.email: list(args.customer)}
+    from gateway.core.access import get_customer
+
+    by_email: dict[str, list[int]] = {}
+    lacking = []
+    for customer_id in dict.fromkeys(args.customer):
+        customer = get_customer(session, principal, customer_id)
+        if customer.billing_email:
+            by_email.setdefault(customer.billing_email, []).append(customer.id)
+        else:
+            lacking.append(f"{customer.name!r} (id {customer.id})")
+    if lacking:
+        raise DomainError(f"customer {', '.join(lacking)} has no billing e-mail; give --email ADDRESS, or add "
+                          "the customer with --email", field="email")
+    return by_email
 
 
 def _associations_remove(args: argparse.Namespace) -> int:
@@ -425,7 +460,8 @@ def _bills_email(args: argparse.Namespace) -> int:
 
 
 def _register_billing(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("billing", help="monthly active-device billing: enable, join, cancel, history (M)")
+    parser = subparsers.add_parser(
+        "billing", help=BILLING_HELP, description=f"{BILLING_HELP}. {BILLING_HELP_MORE} {BILLING_OTHER}")
     actions = parser.add_subparsers(dest="billing_command", metavar="ACTION", required=True)
     _action(actions, "status", _billing_status, "the partner's monthly billing subscription")
     enable = _action(actions, "enable", _billing_enable, "enable monthly billing (activation payment, M1)")
@@ -434,6 +470,12 @@ def _register_billing(subparsers: argparse._SubParsersAction) -> None:
     join.add_argument("--workspace", type=int, metavar="ID", required=True)
     join.add_argument("--max-devices", type=int, required=True)
     join.add_argument("--edition", type=int, metavar="ID")
+    join.add_argument("--key-exposed", action="store_true",
+                      help="the workspace's license key reached its end users: its released period is not recycled")
+    leave = _action(actions, "leave", _billing_leave,
+                    "take one workspace off monthly billing today; lists its devices, --yes to confirm (M2)")
+    leave.add_argument("--workspace", type=int, metavar="ID", required=True)
+    leave.add_argument("--yes", action="store_true", help="confirm: end the workspace's monthly license today")
     cancel = _action(actions, "cancel", _billing_cancel,
                      "cancel monthly billing: shows end dates and affected workspaces; --yes to confirm (M8)")
     cancel.add_argument("--ends-on", type=_day, help="one of the offered end dates")
@@ -485,13 +527,38 @@ def _billing_enable(args: argparse.Namespace) -> int:
 def _billing_join(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with transaction(gateway.db) as session:
-        workspace = subscriptions.join_monthly(session, _principal(session, args), workspace_id=args.workspace,
-                                               max_devices=args.max_devices, edition_id=args.edition,
-                                               now=gateway.clock.now())
+        joined = subscriptions.join_monthly(session, _principal(session, args), workspace_id=args.workspace,
+                                            max_devices=args.max_devices, edition_id=args.edition,
+                                            now=gateway.clock.now(), key_exposed=args.key_exposed)
+        workspace, released = joined.workspace, joined.released
         row = {"workspace_id": workspace.id, "name": workspace.name, "since": workspace.monthly_billing_since,
-               "max_devices": workspace.max_devices, "edition_id": workspace.edition_id}
-    _out(args, [row], ["workspace_id", "name", "since", "max_devices", "edition_id"])
+               "max_devices": workspace.max_devices, "edition_id": workspace.edition_id,
+               "released_license": released.key if released else None}
+    _out(args, [row], ["workspace_id", "name", "since", "max_devices", "edition_id", "released_license"])
+    if released is not None and not args.json:
+        until = f" until {released.expires_at:%Y-%m-%d}" if released.expires_at else ""
+        print(f"license {released.key} was released; its period runs on{until} and "
+              + ("can be recycled with a different workspace" if released.recyclable
+                 else "cannot serve a different workspace: its key was exposed to end users"))
     return 0
+
+
+def _billing_leave(args: argparse.Namespace) -> int:
+    gateway = gateway_from_args(args)
+    with transaction(gateway.db) as session:
+        leaving = subscriptions.leave_monthly(session, _principal(session, args), workspace_id=args.workspace,
+                                              now=gateway.clock.now(), confirm=args.yes)
+    if args.json:
+        print_json(vars(leaving))
+    elif leaving.confirmed:
+        print(f"workspace {leaving.workspace!r} left monthly billing; {leaving.last_day} is its last billed day. "
+              f"Its {len(leaving.devices)} device(s) need a regular license ('gateway licenses assign').")
+    else:
+        print_table([{"device": name} for name in leaving.devices], ["device"],
+                    title=f"leaving ends the monthly license of workspace {leaving.workspace!r} on {leaving.last_day}, "
+                          f"{len(leaving.devices)} device(s):")
+        print("nothing changed: add --yes to confirm (or assign a regular license, which also leaves the plan)")
+    return 0  # a preview is a success, as for cancel; a refusal is an error (exit 2)
 
 
 def _billing_cancel(args: argparse.Namespace) -> int:
@@ -503,7 +570,7 @@ def _billing_cancel(args: argparse.Namespace) -> int:
                  "devices": len(w.devices), "device_names": w.devices} for w in plan.workspaces]
     if args.json:
         print_json({"offered_end_dates": plan.offered_end_dates, "ends_on": plan.ends_on, "confirmed": plan.confirmed,
-                    "workspaces": affected})
+                    "confirm_with": None if plan.confirmed else _confirm_command(plan), "workspaces": affected})
     else:
         print("offered end dates: " + ", ".join(d.isoformat() for d in plan.offered_end_dates))
         print_table(affected, ["workspace_id", "workspace", "customer", "devices", "device_names"],
@@ -513,8 +580,14 @@ def _billing_cancel(args: argparse.Namespace) -> int:
             print(f"monthly billing cancelled: service ends on {plan.ends_on}; it can be reactivated until "
                   f"{final_billing_date(plan.ends_on)}")
         else:
-            print("nothing changed: choose --ends-on DATE from the offered dates and add --yes to confirm")
-    return 0 if plan.confirmed else 1
+            print(f"preview only, nothing changed; to cancel, run: {_confirm_command(plan)}")
+    return 0  # a preview is a success; a refusal (a wrong date, nothing to cancel) is an error, exit 2
+
+
+def _confirm_command(plan: Any) -> str:
+    """The command that confirms a previewed cancellation (at the chosen end date, else the first offered)."""
+    ends_on = plan.ends_on or (plan.offered_end_dates[0] if plan.offered_end_dates else "DATE")
+    return f"gateway billing cancel --ends-on {ends_on} --yes (or another offered end date)"
 
 
 def _billing_reactivate(args: argparse.Namespace) -> int:
@@ -547,7 +620,7 @@ def _billing_usage(args: argparse.Namespace) -> int:
 
 
 def _register_bill(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bill", help="build the bills that are due (once), then e-mail them")
+    parser = subparsers.add_parser("bill", help=BILL_HELP, description=f"{BILL_HELP}. {BILL_HELP_MORE} {BILL_OTHER}")
     parser.add_argument("--period", metavar="YYYY-MM", help="bill the cycles ending in this month (default: all due)")
     parser.add_argument("--dry-run", action="store_true", help="show the bills without saving anything")
     parser.add_argument("--draft", action="store_true", help="save them as drafts (issue with 'gateway bills finalize')")

@@ -11,8 +11,14 @@ from decimal import Decimal
 from enum import Enum
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from gateway.app import Gateway, build_gateway
+from gateway.core.license_keys import normalize_key
+from gateway.core.models import Bill, Customer, License, Partner, ServicePlan, User, Workspace
 from gateway.core.settings import Settings, load_settings
+from gateway.errors import DomainError, NotFound
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -22,6 +28,90 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def gateway_from_args(args: argparse.Namespace, *, check_schema: bool = True) -> Gateway:
     """Settings from ``--config``/environment, wired into a gateway (schema checked unless told not to)."""
     return build_gateway(settings_from_args(args), check_schema=check_schema)
+
+
+# --- which partner a command acts for ------------------------------------------------------------
+
+#: Arguments whose value names a record of exactly one partner: ``args.<name>`` -> (what it is, how to find it).
+_IMPLYING_ARGS: dict[str, tuple[str, Any, Any]] = {
+    "customer": ("customer", Customer.id, Customer.partner_id),
+    "customer_id": ("customer", Customer.id, Customer.partner_id),
+    "plan": ("plan", ServicePlan.id, ServicePlan.partner_id),
+    "plan_id": ("plan", ServicePlan.id, ServicePlan.partner_id),
+    "bill": ("bill", Bill.id, Bill.partner_id),
+    "bill_id": ("bill", Bill.id, Bill.partner_id),
+    "workspace": ("workspace", Workspace.id, Customer.partner_id),
+    "workspace_id": ("workspace", Workspace.id, Customer.partner_id),
+    "key": ("license", License.key, License.partner_id),
+    "user_id": ("user", User.id, User.partner_id),
+}
+
+NO_PARTNER = "there is no partner yet; create one with 'gateway partners add NAME'"
+
+
+def infer_partner_id(session: Session, given: int | None = None, **implied: Any) -> int:
+    """The partner a command acts for, the same way in every command.
+
+    In order: ``--partner ID`` when given; else the partner that the ids the command was given already
+    imply (``customer=3`` is customer 3's partner; the names are those of :data:`_IMPLYING_ARGS`, a value
+    may be a list); else the only partner in the store. Several partners and nothing that says which is
+    one error, worded the same everywhere.
+    """
+    if given is not None:
+        if session.get(Partner, given) is None:
+            raise NotFound(f"no partner with id {given}; list them with 'gateway partners list'", field="partner")
+        return given
+    found: dict[int, str] = {}
+    missing: list[str] = []
+    for name, value in implied.items():
+        if name not in _IMPLYING_ARGS:
+            raise TypeError(f"{name!r} does not name a record of one partner")
+        values = value if isinstance(value, list | tuple) else [value]
+        what, column, partner_column = _IMPLYING_ARGS[name]
+        for one in values:
+            if one is None or isinstance(one, bool):
+                continue
+            if what == "license":
+                try:
+                    one = normalize_key(str(one))
+                except DomainError:
+                    missing.append(f"license {one}")
+                    continue
+            query = select(partner_column).where(column == one)
+            if what == "workspace":
+                query = query.select_from(Workspace).join(Customer, Customer.id == Workspace.customer_id)
+            partner_id = session.scalar(query)
+            if partner_id is None:
+                missing.append(f"{what} {one}")
+            else:
+                found.setdefault(partner_id, f"{what} {one}")
+    if len(found) > 1:
+        named = ", ".join(f"{label} belongs to partner {pid}" for pid, label in sorted(found.items()))
+        raise DomainError(f"these belong to different partners ({named}); one command acts for one partner",
+                          field="partner")
+    if found:
+        return next(iter(found))
+    partners = session.execute(select(Partner.id, Partner.name).order_by(Partner.id).limit(6)).all()
+    if not partners:
+        raise NotFound(NO_PARTNER, field="partner")
+    if len(partners) == 1:
+        return int(partners[0][0])  # an id that names nothing is left to the command, which says what it lacks
+    if missing:
+        raise NotFound(f"no {missing[0]}", field="partner")
+    raise DomainError(several_partners_message(partners), field="partner")
+
+
+def several_partners_message(partners: Sequence[Any]) -> str:
+    """The one wording of "which partner?" (``partners``: (id, name) rows, the first few of the store)."""
+    names = ", ".join(f"{pid} ({name})" for pid, name in partners[:5])
+    more = ", ..." if len(partners) > 5 else ""
+    return f"there are several partners ({names}{more}); say which with --partner ID"
+
+
+def partner_id_from_args(session: Session, args: argparse.Namespace) -> int:
+    """:func:`infer_partner_id` from a parsed command line: ``--partner`` and the id arguments it has."""
+    implied = {name: getattr(args, name) for name in _IMPLYING_ARGS if getattr(args, name, None) is not None}
+    return infer_partner_id(session, getattr(args, "partner", None), **implied)
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

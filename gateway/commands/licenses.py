@@ -13,12 +13,18 @@ import getpass
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from gateway.app import Gateway
-from gateway.commands.common import add_json_flag, gateway_from_args, print_json, print_table, to_jsonable
+from gateway.commands.common import (
+    add_json_flag,
+    gateway_from_args,
+    partner_id_from_args,
+    print_json,
+    print_table,
+    to_jsonable,
+)
 from gateway.core.access import Principal, system_principal
 from gateway.core.db import transaction
 from gateway.core.licensing.assignment import assign
@@ -37,8 +43,8 @@ from gateway.core.licensing.purchase import buy, buy_bulk
 from gateway.core.licensing.queries import infos_for, license_info, list_licenses
 from gateway.core.licensing.renewal import renew, renew_with_coupon, set_auto_renew
 from gateway.core.licensing.rules import DeleteMode, LicenseStatus
-from gateway.core.models import OrderKind, Partner, PoolMode
-from gateway.errors import Conflict, DomainError, NotFound
+from gateway.core.models import OrderKind, PoolMode
+from gateway.errors import Conflict, DomainError
 
 R = TypeVar("R")
 
@@ -139,7 +145,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     settings = actions.add_parser("settings", help="show or change automatic exchange and the company allocation")
     settings.add_argument("--automatic-exchange", choices=["on", "off"])
-    settings.add_argument("--pool-mode", choices=[m.value for m in PoolMode])
+    settings.add_argument("--pool-mode", choices=[*(m.value for m in PoolMode), "none"],
+                          help="the company's allocation, which overrides its users' (L15); "
+                               "'none' removes it so each user's own applies")
     settings.add_argument("--pool-limit", type=int, metavar="N")
     add_json_flag(settings)
     settings.set_defaults(handler=_settings)
@@ -155,6 +163,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     daily = actions.add_parser("daily", help="run the daily job now: expiries, auto-renewals, exchanges, reminders")
     add_json_flag(daily)
     daily.set_defaults(handler=_daily)
+    for action in actions.choices.values():  # `licenses list --partner 2` works as well as `licenses --partner 2 list`
+        action.add_argument("--partner", type=int, metavar="ID", default=argparse.SUPPRESS,
+                            help="act for this partner (default: the one the key or customer implies, else the only one)")
 
 
 def _add_paging(parser: argparse.ArgumentParser) -> None:
@@ -173,18 +184,8 @@ def _actor() -> str:
         return "cli"
 
 
-def _principal(session: Session, partner_id: int | None) -> Principal:
-    if partner_id is not None:
-        if session.get(Partner, partner_id) is None:
-            raise NotFound(f"no partner with id {partner_id}", field="partner")
-        return system_principal(partner_id, _actor())
-    partners = session.execute(select(Partner.id, Partner.name).order_by(Partner.id).limit(6)).all()
-    if not partners:
-        raise DomainError("there is no partner in the database yet; create one first")
-    if len(partners) > 1:
-        names = ", ".join(f"{pid} ({name})" for pid, name in partners[:5])
-        raise DomainError(f"there are several partners; choose one with --partner ID (e.g. {names})", field="partner")
-    return system_principal(partners[0][0], _actor())
+def _principal(session: Session, args: argparse.Namespace) -> Principal:
+    return system_principal(partner_id_from_args(session, args), _actor())
 
 
 def run(args: argparse.Namespace, work: Callable[[Gateway, Session, Principal], R]) -> R:
@@ -192,7 +193,7 @@ def run(args: argparse.Namespace, work: Callable[[Gateway, Session, Principal], 
     gateway = gateway_from_args(args)
     try:
         with transaction(gateway.db) as session:
-            return work(gateway, session, _principal(session, args.partner))
+            return work(gateway, session, _principal(session, args))
     except StaleDataError:
         raise Conflict("the license was changed by someone else at the same time; run the command again") from None
     finally:
@@ -435,7 +436,8 @@ def _settings(args: argparse.Namespace) -> int:
             set_company_settings(
                 session, principal,
                 automatic_exchange=None if args.automatic_exchange is None else args.automatic_exchange == "on",
-                pool_mode=PoolMode(args.pool_mode) if args.pool_mode else None, pool_limit=args.pool_limit,
+                pool_mode=PoolMode(args.pool_mode) if args.pool_mode not in (None, "none") else None,
+                pool_limit=args.pool_limit, unset_pool_mode=args.pool_mode == "none",
             )
         return company_settings(session, principal)
 
@@ -444,8 +446,10 @@ def _settings(args: argparse.Namespace) -> int:
         print_json(current)
     else:
         limit = "" if current["pool_limit"] is None else f" (limit {current['pool_limit']})"
+        allocation = (f"{current['pool_mode']} pool{limit}" if current["pool_mode"]
+                      else "not set (each user's own setting applies)")
         print(f"automatic exchange: {'on' if current['automatic_exchange'] else 'off'}; "
-              f"company allocation: {current['pool_mode']} pool{limit}")
+              f"company allocation: {allocation}")
     return 0
 
 

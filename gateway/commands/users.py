@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from gateway.commands.common import add_json_flag, gateway_from_args, print_json, print_table
+from gateway.commands.common import add_json_flag, gateway_from_args, partner_id_from_args, print_json, print_table
 from gateway.core.db import transaction
-from gateway.core.models import ApiToken, Partner, User, UserRole
+from gateway.core.models import ApiToken, User, UserRole
 from gateway.core.users import create_token, create_user, describe_user, revoke_token
-from gateway.errors import DomainError, NotFound
+from gateway.errors import NotFound
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,21 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     revoke.set_defaults(handler=_revoke_token)
 
 
-def _partner_id(session: Session, given: int | None) -> int:
-    if given is not None:
-        return given
-    ids = list(session.scalars(select(Partner.id).order_by(Partner.id).limit(2)))
-    if len(ids) != 1:
-        raise DomainError("there is no single partner; name one with --partner ID", field="partner")
-    return ids[0]
-
-
 def _add_user(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     try:
         with transaction(gateway.db) as session:
             now = gateway.clock.now()
-            user = create_user(session, partner_id=_partner_id(session, args.partner), name=args.name,
+            user = create_user(session, partner_id=partner_id_from_args(session, args), name=args.name,
                                role=UserRole(args.role), now=now, customer_ids=args.customer, email=args.email)
             _row, token = create_token(session, user, name="first", now=now)
             described = describe_user(session, user)

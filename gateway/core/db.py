@@ -8,6 +8,17 @@ database that is behind, with a message that says so.
 
 Sessions are opened by the caller (a request, a sync run, a CLI command) and
 passed in; code that reads or changes data never commits on its own.
+
+SQLite has one writer at a time. A deferred transaction that reads and then writes
+fails at once with "database is locked" when another connection committed since
+its read began (the busy timeout cannot help: its snapshot is stale), which is how
+the daemon's own jobs used to collide. So :func:`transaction` (the unit of work
+that writes) starts with ``BEGIN IMMEDIATE`` on SQLite: it takes the write lock
+first, waiting up to the busy timeout (:data:`SQLITE_BUSY_TIMEOUT_MS`) behind the
+writer of the moment, and then cannot meet a lock. Plain sessions (reads) stay
+deferred and never wait. :func:`is_lock_error` tells a lock that still ran out
+(a writer held it longer than the timeout) from other failures, so a job retries
+soon instead of a whole interval later.
 """
 
 from __future__ import annotations
@@ -64,12 +75,17 @@ def make_engine(url: str, *, echo: bool = False, pool_size: int = 5) -> Engine:
     return engine
 
 
+#: How long a SQLite writer waits for the write lock before "database is locked" (a billing run of many
+#: customers holds it for seconds; the jobs of one process queue behind each other within this).
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
 def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
 
 
@@ -80,9 +96,39 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """One unit of work: commit on success, roll back on any exception."""
+    """One unit of work: commit on success, roll back on any exception.
+
+    On SQLite it begins with ``BEGIN IMMEDIATE`` (see the module docstring): the write lock is
+    taken before the first read, so a read-then-write never fails on another writer's commit.
+    """
     with factory() as session, session.begin():
+        connection = session.connection()
+        if connection.dialect.name == "sqlite" and not getattr(connection.connection.driver_connection,
+                                                                 "in_transaction", True):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         yield session
+
+
+_LOCK_TEXTS = ("database is locked", "database table is locked", "database is busy")
+#: PostgreSQL: deadlock detected, lock not available (lock_timeout), serialization failure.
+_LOCK_SQLSTATES = frozenset({"40P01", "55P03", "40001"})
+
+
+def is_lock_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a database lock that ran out, worth retrying soon."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sa_exc.DBAPIError) and current.orig is not None:
+            current = current.orig
+            continue
+        if getattr(current, "sqlstate", None) in _LOCK_SQLSTATES:
+            return True
+        if type(current).__name__ == "OperationalError" and any(t in str(current).lower() for t in _LOCK_TEXTS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def describe_url(engine: Engine) -> str:

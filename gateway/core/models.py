@@ -29,6 +29,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    select,
+    true,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -197,8 +199,9 @@ class Partner(Base):
     invoice_prefix: Mapped[str] = mapped_column(String(20), default="INV")
     #: The next number of this partner's bill sequence; only ever increases (numbers are never reused).
     next_bill_number: Mapped[int] = mapped_column(Integer, default=1)
-    #: L15: the company's allocation setting overrides its users' settings.
-    pool_mode: Mapped[PoolMode] = mapped_column(_enum(PoolMode), default=PoolMode.GLOBAL)
+    #: L15: the company's allocation setting (global or limited pool) overrides its users' settings;
+    #: None: the company has no setting of its own, so each user's applies (migration 0005).
+    pool_mode: Mapped[PoolMode | None] = mapped_column(_enum(PoolMode))
     pool_limit: Mapped[int | None] = mapped_column(Integer)
     #: L14: automatic exchange of expired assigned licenses from the pool, on by default.
     automatic_exchange: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -259,6 +262,11 @@ class Customer(Base):
     timezone: Mapped[str] = mapped_column(String(64), default="UTC")
     billing_email: Mapped[str | None] = mapped_column(String(320))
     created_at: Mapped[datetime]
+    #: Archived: no longer listed by default; everything billed stays (migration 0007).
+    archived_at: Mapped[datetime | None]
+    #: S4: a time-zone change waits for the next cycle: ``pending_timezone`` applies from local day ``timezone_from``.
+    pending_timezone: Mapped[str | None] = mapped_column(String(64))
+    timezone_from: Mapped[date | None] = mapped_column(Date)
 
     partner: Mapped[Partner] = relationship(back_populates="customers")
     workspaces: Mapped[list[Workspace]] = relationship(back_populates="customer")
@@ -273,6 +281,12 @@ class Edition(Base):
     code: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(200))
     license_type: Mapped[LicenseType] = mapped_column(_enum(LicenseType), default=LicenseType.COMPUTER)
+    #: One seat for one year; None: priced by ``[licensing] prices.<code>`` of the configuration (migration 0007).
+    price_per_seat_year: Mapped[Decimal | None]
+    #: The price's currency; None: ``[licensing] currency``.
+    currency: Mapped[str | None] = mapped_column(String(3))
+    #: An inactive (archived) edition is no longer sold; its licenses keep working and renew.
+    active: Mapped[bool] = mapped_column(Boolean, server_default=true())  # no Python default: old-schema inserts
 
 
 class Workspace(Base):
@@ -334,6 +348,9 @@ class License(Base):
     expires_at: Mapped[datetime | None]
     #: L5: a key serves exactly one workspace.
     workspace_id: Mapped[int | None] = mapped_column(ForeignKey("workspaces.id", ondelete="SET NULL"), unique=True)
+    #: L5: the workspace the key was bound to when first used; it may serve no other, ever (migration 0005).
+    #: No foreign key on purpose: the binding outlives the workspace (a removed workspace's key serves nothing).
+    bound_workspace_id: Mapped[int | None] = mapped_column(Integer)
     notes: Mapped[str] = mapped_column(Text, default="")
     #: L13: on by default, can be cancelled per license.
     auto_renew: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -411,19 +428,62 @@ class Device(Base):
     updated_at: Mapped[datetime]
     #: M3: why the device was refused (e.g. the workspace is at its maximum); None = accepted.
     refused_reason: Mapped[str | None] = mapped_column(String(255))
+    #: M3: when it was first refused (kept while it stays refused) and the workspace that refused it
+    #: (no foreign key: adding one would make SQLite copy this table, and the record may outlive it).
+    refused_at: Mapped[datetime | None]
+    refused_workspace_id: Mapped[int | None] = mapped_column(Integer)
     #: The device pull pass that last listed it; a complete pass marks the devices it did not list deleted.
     last_seen_pass: Mapped[str | None] = mapped_column(String(32))
 
 
+def _workspace_of_device(context: Any) -> int | None:
+    """A writer that names no workspace records the device's workspace at the time of writing."""
+    device_id = context.get_current_parameters().get("device_id")
+    devices = Device.__table__.c
+    workspace_id: int | None = context.connection.scalar(select(devices.workspace_id).where(devices.id == device_id))
+    return workspace_id
+
+
 class DeviceActivity(Base):
-    """One row per device per customer-local day on which it checked in (M5, S4)."""
+    """One row per device per customer-local day on which it checked in (M5, S4), in the workspace it was in.
+
+    M5/G1: a day's activity belongs to the workspace the device was in on that day,
+    recorded with the check-in: a device whose organisation is mapped to another
+    workspace (of another customer) takes its later days there and leaves its
+    earlier ones where they were. Deliberately no foreign key (the table takes a row
+    per device per day; a deleted workspace's rows simply join nothing), like
+    ``BillDevice``. The pulls and webhooks name the workspace; any other writer
+    gets the device's current one (``_workspace_of_device``).
+    """
 
     __tablename__ = "device_activity"
 
     device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
     day: Mapped[date] = mapped_column(Date, primary_key=True)
+    #: The workspace the device was in when this day's check-in was recorded (None: none).
+    workspace_id: Mapped[int | None] = mapped_column(Integer, default=_workspace_of_device)
 
-    __table_args__ = (Index("ix_device_activity_day", "day"),)
+    __table_args__ = (
+        Index("ix_device_activity_day", "day"),
+        # A billing run walks each workspace's devices and their days of the cycle (run_store.activity).
+        Index("ix_device_activity_workspace", "workspace_id", "device_id", "day"),
+    )
+
+
+class LateActivity(Base):
+    """M5: a check-in recorded after a complete pull of its connection had started later than its day ended.
+
+    Such a day may belong to a cycle that was already billed without it (billing
+    waits for those pulls, ``run.py``); the next billing run turns it into a
+    correction line where a bill missed it, and removes the row either way.
+    """
+
+    __tablename__ = "late_activity"
+
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    workspace_id: Mapped[int | None] = mapped_column(Integer)
+    noted_at: Mapped[datetime]
 
 
 # --- monthly billing and service plans ---------------------------------------------------
@@ -471,6 +531,22 @@ class ServicePlanPrice(Base):
     plan_id: Mapped[int] = mapped_column(ForeignKey("service_plans.id", ondelete="CASCADE"), index=True)
     effective_from: Mapped[date] = mapped_column(Date)
     price_per_device: Mapped[Decimal]
+
+
+class PlanPriceStart(Base):
+    """S7/S4: an association that takes a price change from a day of its own, not the plan-wide one.
+
+    The change was made "from today" and its customer's local today was another day,
+    or the plan-wide day reached into a cycle already billed for that customer.
+    """
+
+    __tablename__ = "plan_price_starts"
+
+    price_id: Mapped[int] = mapped_column(ForeignKey("service_plan_prices.id", ondelete="CASCADE"), primary_key=True)
+    association_id: Mapped[int] = mapped_column(
+        ForeignKey("plan_associations.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    effective_from: Mapped[date] = mapped_column(Date)
 
 
 class PlanAssociation(Base):
@@ -525,6 +601,10 @@ class Bill(Base):
     emailed_at: Mapped[datetime | None]
     email_attempts: Mapped[int] = mapped_column(Integer, default=0)
     email_error: Mapped[str | None] = mapped_column(Text)
+    #: Who is sending the bill's e-mail, and until when (a lease; see gateway.sync.mail), so two processes
+    #: never send one bill twice, on SQLite too.
+    email_claimed_by: Mapped[str | None] = mapped_column(String(100))
+    email_claimed_until: Mapped[datetime | None]
 
     lines: Mapped[list[BillLine]] = relationship(
         back_populates="bill", order_by="BillLine.position", cascade="all, delete-orphan"
@@ -592,6 +672,13 @@ class Adjustment(Base):
     currency: Mapped[str] = mapped_column(String(3))
     created_at: Mapped[datetime]
     applied_to_bill_id: Mapped[int | None] = mapped_column(ForeignKey("bills.id", ondelete="SET NULL"))
+    #: M5: the bill this corrects: a device checked in during its cycle and was recorded after it was billed.
+    #: Plain ids, no foreign keys: a reference kept for the record (bills are voided, never deleted).
+    corrects_bill_id: Mapped[int | None] = mapped_column(Integer)
+    #: The device of the correction; a bill is corrected once per device.
+    device_id: Mapped[int | None] = mapped_column(Integer)
+
+    __table_args__ = (Index("ux_adjustments_correction", "corrects_bill_id", "device_id", unique=True),)
 
 
 # --- connections, mappings, outbox, webhooks ----------------------------------------------
@@ -609,6 +696,10 @@ class ConnectionState(Base):
     last_error_at: Mapped[datetime | None]
     consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime]
+    #: When the pass now under way (or the last one) began at the first page; a resumed pull keeps it.
+    pass_started_at: Mapped[datetime | None]
+    #: M5: when the last complete pass began: every check-in the RMM reported before then is stored.
+    complete_pass_started_at: Mapped[datetime | None]
 
 
 class ExternalMapping(Base):

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from gateway.errors import ConfigError
 
@@ -113,11 +113,15 @@ class MailSettings(_Section):
 
 
 class BillingSettings(_Section):
-    invoice_prefix: str = "INV"
+    #: 1-16 capital letters, digits, dashes (see gateway.core.directory.INVOICE_PREFIX).
+    invoice_prefix: str = Field(default="INV", pattern=r"^[A-Z0-9-]{1,16}$")
     default_currency: str = Field(default="USD", min_length=3, max_length=3)
     monthly_activation_fee: Decimal = Decimal("10.00")
     monthly_price_per_device: Decimal = Decimal("2.50")
     default_due_days: int = Field(default=30, ge=0)
+    #: M5: a cycle is billed only once every RMM connection of the customer has completed a pull that began
+    #: this many minutes after the cycle ended (local midnight), so check-ins the RMM reports late are in.
+    settling_minutes: int = Field(default=15, ge=0)
 
 
 class LicensingSettings(_Section):
@@ -149,6 +153,9 @@ class OutboxSettings(_Section):
     max_delay_seconds: float = Field(default=3600.0, ge=0)
     claim_seconds: float = Field(default=300.0, gt=0)
     batch_size: int = Field(default=20, ge=1)
+    #: One push (look-up and create, with the connector's retries) is cut off after this long and counts as a
+    #: failed attempt with back-off, so a tool that accepts connections and never answers is noticed (G5).
+    push_timeout_seconds: float = Field(default=60.0, gt=0)
 
 
 class SchedulerSettings(_Section):
@@ -157,6 +164,13 @@ class SchedulerSettings(_Section):
     billing_interval_seconds: float = Field(default=300.0, gt=0)
     #: The licensing job (expiries, reminders) records what it did, so it runs this often and catches up after downtime.
     licensing_interval_seconds: float = Field(default=3600.0, gt=0)
+
+
+class WebhookSettings(_Section):
+    #: Ids of processed webhook events are kept this long (or a scheme's replay window, when longer), so one
+    #: delivered twice is processed once (G4); older ones are pruned (see gateway.core.retention).
+    keep_ids_days: float = Field(default=30.0, ge=1)
+    prune_interval_seconds: float = Field(default=3600.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -177,6 +191,7 @@ class Settings(BaseSettings):
     licensing: LicensingSettings = Field(default_factory=LicensingSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     connections: list[ConnectionSettings] = Field(default_factory=list)
     #: Where the settings were read from (None: defaults and environment only). Not a setting.
     source: str | None = Field(default=None, exclude=True)
@@ -264,6 +279,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, *, environ: Mappin
             settings = _settings_with_environ(data, env)
     except ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc, where)) from None
+    except SettingsError as exc:  # an environment variable pydantic-settings could not even parse (bad JSON)
+        raise ConfigError(_describe_settings_error(exc)) from None
     settings.source = str(config_path) if config_path is not None else None
     return settings
 
@@ -313,6 +330,17 @@ def _settings_with_environ(data: dict[str, Any], env: Mapping[str, str]) -> Sett
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _describe_settings_error(exc: SettingsError) -> str:
+    """One line for a variable such as ``GATEWAY_CONNECTIONS`` that is not the JSON its setting needs."""
+    found = re.search(r'field "([^"]+)"', str(exc))
+    variable = f"{ENV_PREFIX}{found[1].upper()}" if found else "a GATEWAY_ environment variable"
+    cause = exc.__cause__ or exc.__context__
+    detail = f" ({cause})" if cause is not None else ""
+    what = ("a JSON list of connection tables, e.g. [{\"name\": \"ninja\", \"plugin\": \"ninjaone\", "
+            "\"base_url\": \"https://ninja.example\"}]") if found and found[1] == "connections" else "JSON"
+    return f"config error in the environment: {variable} is not valid JSON{detail}; give {what}, or unset it"
 
 
 def _describe_validation_error(exc: ValidationError, where: str) -> str:

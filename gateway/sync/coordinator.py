@@ -5,6 +5,11 @@ A job runs on its interval. When it starts failing, the failure is logged once
 after a failure is logged once as a recovery. While failing, the delay grows
 exponentially up to ``max_backoff`` so a broken tool is not hammered. Errors
 never escape the coordinator: one failing connection never stops the others (G5).
+
+A job that met a database lock (SQLite's one writer held it past the busy timeout,
+a PostgreSQL deadlock or lock timeout) is not broken: it retries soon
+(``lock_retry_seconds``, doubling, never later than its interval) instead of a
+whole interval later.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from gateway.core.db import is_lock_error
 from gateway.errors import GatewayError
 
 log = structlog.get_logger(__name__)
@@ -33,6 +39,10 @@ class CoordinatorState:
     last_success_monotonic: float | None = None
     last_result: Any = None
     running: bool = False
+    #: The last failure was a database lock: retry soon.
+    locked: bool = False
+    #: The failure was reported (logged at error, ``on_failure`` called): the recovery is reported too.
+    reported: bool = False
 
 
 @dataclass
@@ -43,6 +53,7 @@ class Coordinator:
     interval: float
     job: Callable[[], Awaitable[Any]]
     max_backoff: float = 3600.0
+    lock_retry_seconds: float = 1.0
     on_failure: Callable[[str, BaseException], Awaitable[None] | None] | None = None
     on_recovery: Callable[[str], Awaitable[None] | None] | None = None
     state: CoordinatorState = field(default_factory=CoordinatorState)
@@ -59,7 +70,12 @@ class Coordinator:
             self.state.failures += 1
             self.state.consecutive_failures += 1
             self.state.last_error = f"{type(exc).__name__}: {exc}"
-            if self.state.consecutive_failures == 1:
+            self.state.locked = is_lock_error(exc)
+            if self.state.locked:
+                log.warning("job.database_locked", job=self.name, failures=self.state.consecutive_failures,
+                            retry_in=self.next_delay())
+            elif not self.state.reported:
+                self.state.reported = True
                 # A GatewayError is an expected failure with a clear message; anything else is a bug: keep its traceback.
                 log.error("job.failed", job=self.name, error=self.state.last_error,
                           exc_info=None if isinstance(exc, GatewayError) else exc)
@@ -69,11 +85,14 @@ class Coordinator:
             return False
         finally:
             self.state.running = False
+        self.state.locked = False
         if self.state.consecutive_failures:
-            log.info("job.recovered", job=self.name, after_failures=self.state.consecutive_failures)
-            self.state.consecutive_failures = 0
+            failures, self.state.consecutive_failures = self.state.consecutive_failures, 0
             self.state.last_error = None
-            await _maybe_await(self.on_recovery(self.name) if self.on_recovery else None)
+            if self.state.reported:  # a lock that passed was never reported as a failure
+                self.state.reported = False
+                log.info("job.recovered", job=self.name, after_failures=failures)
+                await _maybe_await(self.on_recovery(self.name) if self.on_recovery else None)
         self.state.last_success_monotonic = time.monotonic()
         self.state.last_result = result
         return True
@@ -82,6 +101,8 @@ class Coordinator:
         """The interval, or the back-off while failing."""
         if not self.state.consecutive_failures:
             return self.interval
+        if self.state.locked:
+            return min(self.interval, self.lock_retry_seconds * (2 ** min(self.state.consecutive_failures - 1, 10)))
         return min(self.interval * (2 ** min(self.state.consecutive_failures, 20)), max(self.max_backoff, self.interval))
 
     async def run_forever(self, stop: asyncio.Event) -> None:

@@ -42,7 +42,8 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
+from datetime import time as clock_time
 from typing import TYPE_CHECKING, Any, cast
 from zoneinfo import ZoneInfo
 
@@ -54,6 +55,7 @@ from gateway.adapters import AdapterContext, DevicePage, RmmAdapter, RmmDevice, 
 from gateway.core import db as gdb
 from gateway.core import store
 from gateway.core.billing import rules
+from gateway.core.billing.corrections import note_late_activity
 from gateway.core.clock import Clock
 from gateway.core.models import (
     ConnectionState,
@@ -97,7 +99,8 @@ class PullSummary:
     devices_refused: int = 0
     devices_unmapped: int = 0
     devices_removed: int = 0
-    refusals: list[dict[str, str]] = field(default_factory=list)
+    #: M3: the devices refused (up to 100): which device, by which workspace at which maximum, and why.
+    refusals: list[dict[str, Any]] = field(default_factory=list)
     requests: int = 0
     retries: int = 0
     throttled: int = 0
@@ -134,6 +137,9 @@ class _Pull:
         self.summary = summary
         self.targets: dict[str, _Target | None] = {}  # org external id -> target (None: unmapped)
         self.pass_id = uuid.uuid4().hex  # written on every device this pull lists
+        #: When the connection's last complete pass began (None: never): a check-in whose day ended
+        #: before then and is stored only now may be missing from a bill (M5, see LateActivity).
+        self.complete_before: datetime | None = None
 
     # -- organisations -----------------------------------------------------------------
 
@@ -235,6 +241,8 @@ class _Pull:
                     _DEVICES.c.org_external_id,
                     _DEVICES.c.workspace_id,
                     _DEVICES.c.refused_reason,
+                    _DEVICES.c.refused_at,
+                    _DEVICES.c.refused_workspace_id,
                     _DEVICES.c.hostname,
                     _DEVICES.c.device_class,
                     _DEVICES.c.online,
@@ -248,7 +256,8 @@ class _Pull:
         }
         inserts: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
-        activity: list[tuple[str | int, date]] = []  # (external id of a new device, or device id; day)
+        activity: list[tuple[str | int, date, int]] = []  # (external id of a new device, or device id; day; workspace)
+        late: set[tuple[str | int, date, int]] = set()
         unchanged = 0
         for device in devices:
             old = existing.get(device.external_id)
@@ -257,6 +266,7 @@ class _Pull:
                 "org_external_id": device.org_external_id[:100],
                 "workspace_id": workspace_id,
                 "refused_reason": refused,
+                **self._refusal(device, old, refused, now),
                 "hostname": device.hostname[:255],
                 "device_class": device.device_class[:64],
                 "online": device.online,
@@ -281,7 +291,10 @@ class _Pull:
                 target = self.targets[device.org_external_id]
                 assert target is not None  # _place gives a workspace only to a device of a mapped organisation
                 day = device.last_contact.astimezone(target.zone).date()
-                activity.append((device.external_id if old is None else old["id"], day))
+                entry = (device.external_id if old is None else old["id"], day, workspace_id)
+                activity.append(entry)
+                if self._is_late(old, device, day, target.zone):
+                    late.add(entry)
         self.summary.devices_new += len(inserts)
         self.summary.devices_updated += len(updates)
         self.summary.devices_unchanged += unchanged
@@ -299,9 +312,27 @@ class _Pull:
             )
         if activity:
             rows = [
-                {"device_id": new_ids[key] if isinstance(key, str) else key, "day": day} for key, day in activity
+                {"device_id": new_ids[key] if isinstance(key, str) else key, "day": day, "workspace_id": workspace}
+                for key, day, workspace in activity
             ]
             session.execute(store.insert_ignore(_ACTIVITY, session.get_bind().dialect.name), rows)
+        if late:
+            note_late_activity(session, [
+                (new_ids[key] if isinstance(key, str) else key, day, workspace) for key, day, workspace in late
+            ], now)
+
+    def _is_late(self, old: Any, device: RmmDevice, day: date, zone: ZoneInfo) -> bool:
+        """M5: a check-in new to this pull whose day had ended before the last complete pass began.
+
+        That pass should have listed it; a bill of its cycle may have been made without
+        it (the billing run waits only for such passes), so it is noted for a correction.
+        """
+        if self.complete_before is None or device.last_contact is None:
+            return False
+        if old is not None and old["last_contact"] == device.last_contact:
+            return False  # not a new check-in: its day was recorded (or deliberately not) before
+        day_ended = datetime.combine(day + timedelta(days=1), clock_time(0), tzinfo=zone)
+        return day_ended <= self.complete_before
 
     def _learn_unknown_orgs(self, session: Session, devices: Iterable[RmmDevice], now: datetime) -> None:
         """A device of an organisation that was not listed: record the organisation as unmapped (G1)."""
@@ -359,6 +390,15 @@ class _Pull:
         )
         return {workspace_id: _Seats(maximum, taken.get(workspace_id, 0)) for workspace_id, maximum in limits.items()}
 
+    def _refusal(self, device: RmmDevice, old: Any, refused: str | None, now: datetime) -> dict[str, Any]:
+        """M3: the refusal's workspace and time, kept from the first refusal while the device stays refused."""
+        if refused is None:
+            return {"refused_at": None, "refused_workspace_id": None}
+        target = self.targets[device.org_external_id]
+        assert target is not None  # only a mapped organisation's workspace refuses
+        still = old is not None and old["refused_reason"] is not None and old["refused_at"] is not None
+        return {"refused_at": old["refused_at"] if still else now, "refused_workspace_id": target.workspace_id}
+
     def _place(self, device: RmmDevice, old: Any, seats: dict[int, _Seats]) -> tuple[int | None, str | None]:
         """The workspace and refusal reason of ``device`` after this batch (M3, G1); keeps ``seats`` counted."""
         target = self.targets.get(device.org_external_id)
@@ -380,7 +420,12 @@ class _Pull:
                 workspace_id, refused = None, f"{target.workspace_name}: {reason}"[:255]
                 self.summary.devices_refused += 1
                 if len(self.summary.refusals) < 100:
-                    self.summary.refusals.append({"external_id": device.external_id, "reason": refused})
+                    assert seat is not None  # only a limited workspace refuses
+                    self.summary.refusals.append({
+                        "external_id": device.external_id, "hostname": device.hostname,
+                        "workspace_id": target.workspace_id, "workspace": target.workspace_name,
+                        "max_devices": seat.maximum, "reason": refused,
+                    })
         holds = workspace_id is not None and refused is None and not device.deleted
         if held and old_workspace in seats:
             seats[old_workspace].taken -= 1
@@ -429,7 +474,7 @@ async def pull_devices(
         storing = asyncio.ensure_future(asyncio.to_thread(pull.store_batch, stored)) if stored else None
 
     try:
-        summary.resumed_from = await asyncio.to_thread(_start, sessions, connection, clock.now())
+        summary.resumed_from, pull.complete_before = await asyncio.to_thread(_start, sessions, connection, clock.now())
         organizations = await adapter.list_organizations()
         await asyncio.to_thread(pull.sync_organizations, organizations, auto_map=auto_map, partner_id=partner_id)
         async for page in adapter.fetch_devices(summary.resumed_from):
@@ -592,7 +637,7 @@ def map_organization(session: Session, connection: str, external_id: str, worksp
         session.execute(
             update(Device)
             .where(Device.connection == connection, Device.org_external_id == external_id)
-            .values(workspace_id=None, refused_reason=None)
+            .values(workspace_id=None, refused_reason=None, refused_at=None, refused_workspace_id=None)
         )
     mapping.workspace_id = workspace_id
     mapping.auto_created = False
@@ -641,14 +686,19 @@ def _auto_map_partner(session: Session, connection: str, partner_id: int | None)
     return ids[0]
 
 
-def _start(sessions: sessionmaker[Session], connection: str, now: datetime) -> str | None:
-    """The stored cursor of ``connection``; creates its state row so pages only update it."""
+def _start(sessions: sessionmaker[Session], connection: str, now: datetime) -> tuple[str | None, datetime | None]:
+    """The stored cursor of ``connection`` and when its last complete pass began; creates its state row
+    so pages only update it. A pull from the first page starts a pass (``pass_started_at``); a pull resumed
+    from a cursor continues the pass it belongs to, whose earlier pages were read when that one began."""
     with gdb.transaction(sessions) as session:
         state = session.get(ConnectionState, connection)
         if state is None:
-            session.add(ConnectionState(connection=connection, updated_at=now, consecutive_failures=0))
-            return None
-        return state.cursor
+            session.add(ConnectionState(connection=connection, updated_at=now, consecutive_failures=0,
+                                        pass_started_at=now))
+            return None, None
+        if state.cursor is None:
+            state.pass_started_at = now
+        return state.cursor, state.complete_pass_started_at
 
 
 def _save_cursor(session: Session, connection: str, cursor: str | None, now: datetime) -> None:
@@ -695,6 +745,9 @@ def _record_success(sessions: sessionmaker[Session], connection: str, clock: Clo
             state = ConnectionState(connection=connection, updated_at=now)
             session.add(state)
         state.last_success_at = now
+        # M5: the pass reached its last page: everything the RMM reported before it began is stored.
+        if state.pass_started_at is not None:
+            state.complete_pass_started_at = state.pass_started_at
         state.consecutive_failures = 0
         state.last_error = None
         state.updated_at = now

@@ -19,6 +19,16 @@ Decisions:
   lift a refusal of the resource) and becomes :class:`AuthError` at once.
 - Only calls that end in a transient failure (retries or deadline ran out) count
   towards the breaker: a 404 proves the tool is up.
+- A 429 without ``Retry-After`` on a connector whose :class:`RateLimit` has a
+  ``window_seconds`` (the tool's quota window: Datto RMM 60 s, counted for the whole
+  account, and ConnectWise behind Cloudflare) is never retried quickly: the whole
+  connection pauses for the window (doubling, up to four windows, while 429s follow
+  each other), and then sends at most as many requests per window as succeeded in the
+  window before the 429 (sends counted, so never more than the tool let through). A
+  tool that blocks an address after a few 429s in a row (Datto: 403) thus sees one 429
+  per change of the budget others leave. The learned rate is forgotten after ten
+  windows without a 429. Time spent paused does not count towards a call's deadline.
+  Without ``window_seconds`` such a 429 gets the usual jittered back-off.
 """
 
 from __future__ import annotations
@@ -41,9 +51,10 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
-    stop_before_delay,
+    stop_any,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 from yarl import URL
 
 from gateway.core.clock import Clock, SystemClock
@@ -66,12 +77,18 @@ class RateLimit:
     requests: int
     per_seconds: float
     max_concurrent: int = 4
+    #: The tool's quota window: after a 429 without ``Retry-After`` the connection pauses this
+    #: long and then sends at the rate the window allowed (see the module's decisions). None:
+    #: such a 429 gets the ordinary back-off.
+    window_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.requests < 1 or self.per_seconds <= 0 or self.max_concurrent < 1:
             raise ValueError(
                 f"rate limit needs requests >= 1, per_seconds > 0 and max_concurrent >= 1, got {self!r}"
             )
+        if self.window_seconds is not None and self.window_seconds <= 0:
+            raise ValueError(f"rate limit window_seconds must be > 0 when set, got {self!r}")
 
 
 @dataclass(frozen=True)
@@ -246,37 +263,106 @@ class OAuth2PasswordGrant(_OAuth2Token):
 
 
 class RateLimiter:
-    """Sliding window: a slot is held while in flight and for ``per_seconds`` after the response."""
+    """Sliding window: a slot is held while in flight and for ``per_seconds`` after the response.
 
-    def __init__(self, limit: RateLimit, monotonic: Callable[[], float] = time.monotonic):
+    After :meth:`throttled` (a 429 without ``Retry-After``) every caller waits out the pause,
+    and the window then admits only the learned number of requests (``allowed``).
+    """
+
+    #: A learned rate is forgotten after this many windows without a 429.
+    forget_after_windows = 10
+
+    def __init__(
+        self,
+        limit: RateLimit,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
         self.limit = limit
+        self.allowed = limit.requests
         self._monotonic = monotonic
+        self._sleep = sleep
         self._done: deque[float] = deque()  # response times of recent requests, ascending
+        self._ok_sent: deque[float] = deque()  # send times of recent successful requests, ascending
         self._in_flight = 0
         self._lock = asyncio.Lock()  # first come, first served
         self._released = asyncio.Event()
+        self._paused_until = 0.0
+        self._throttled_at: float | None = None
+        self._pauses_in_a_row = 0
 
-    async def acquire(self) -> None:
+    def now(self) -> float:
+        return self._monotonic()
+
+    async def acquire(self) -> float:
+        """Wait for a slot; returns the send time to hand back to :meth:`release`."""
         async with self._lock:
             while True:
                 now = self._monotonic()
+                if now < self._paused_until:
+                    await self._sleep(self._paused_until - now)
+                    continue
+                window = self.limit.window_seconds or self.limit.per_seconds
+                if (
+                    self._throttled_at is not None
+                    and now - self._throttled_at > self.forget_after_windows * window
+                ):
+                    self.allowed, self._throttled_at = self.limit.requests, None
                 horizon = now - self.limit.per_seconds
                 while self._done and self._done[0] <= horizon:
                     self._done.popleft()
-                if len(self._done) + self._in_flight < self.limit.requests:
+                if len(self._done) + self._in_flight < self.allowed:
                     self._in_flight += 1
-                    return
+                    return now
                 self._released.clear()
                 wait = self._done[0] - horizon if self._done else None
-                try:
-                    await asyncio.wait_for(self._released.wait(), timeout=wait)
-                except TimeoutError:
-                    pass
+                await self._wait_for_release(wait)
 
-    def release(self) -> None:
+    async def _wait_for_release(self, timeout: float | None) -> None:
+        if timeout is None:
+            await self._released.wait()
+            return
+        if self._in_flight == 0:  # nothing will release: only time frees a slot
+            await self._sleep(timeout)
+            return
+        sleeper = asyncio.ensure_future(self._sleep(timeout))
+        waiter = asyncio.ensure_future(self._released.wait())
+        try:
+            await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waiter.cancel()
+
+    def release(self, sent_at: float | None = None, *, ok: bool = False) -> None:
         self._in_flight -= 1
-        self._done.append(self._monotonic())
+        now = self._monotonic()
+        self._done.append(now)
+        if ok and sent_at is not None:
+            self._ok_sent.append(sent_at)
+            self._pauses_in_a_row = 0
+        window = self.limit.window_seconds or self.limit.per_seconds
+        while self._ok_sent and self._ok_sent[0] <= now - window:
+            self._ok_sent.popleft()
         self._released.set()
+
+    def throttled(self, sent_at: float) -> float:
+        """A 429 without ``Retry-After`` for a request sent at ``sent_at``: pause, learn; the pause in seconds."""
+        window = self.limit.window_seconds or self.limit.per_seconds
+        now = self._monotonic()
+        if self._throttled_at is not None and sent_at < self._throttled_at:
+            # Sent before the pause began (in flight beside the first 429): the lesson is learned already.
+            return max(0.0, self._paused_until - now)
+        while self._ok_sent and self._ok_sent[0] <= now - window:
+            self._ok_sent.popleft()
+        succeeded = len(self._ok_sent)
+        # Sends counted (not responses): every one of them reached the tool inside its window.
+        self.allowed = max(1, min(self.limit.requests, succeeded if succeeded else self.allowed // 2))
+        self._pauses_in_a_row += 1
+        pause = window * min(4, 2 ** (self._pauses_in_a_row - 1))
+        self._paused_until = now + pause
+        self._throttled_at = now
+        self._ok_sent.clear()
+        return pause
 
 
 class CircuitBreaker:
@@ -333,6 +419,16 @@ class CircuitBreaker:
 # --- the connector -----------------------------------------------------------------
 
 
+class _StopAtDeadline(stop_base):
+    """Stop when the next sleep would end past the call's deadline (which waits in the limiter move on)."""
+
+    def __init__(self, deadline: list[float]):
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return time.monotonic() + (retry_state.upcoming_sleep or 0.0) >= self.deadline[0]
+
+
 class _RetryableResponse(Exception):
     def __init__(self, response: HttpResponse):
         super().__init__(f"HTTP {response.status}")
@@ -361,7 +457,10 @@ class Connector:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
+        monotonic: Callable[[], float] | None = None,
     ):
+        """``monotonic`` paces the rate limiter; when given, the limiter also waits through ``sleep``
+        (a test's virtual time), otherwise it runs on real time whatever ``sleep`` is."""
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.rate_limit = rate_limit
@@ -376,7 +475,9 @@ class Connector:
         self._retryable = retryable
         self._sleep = sleep
         self._backoff = wait_random_exponential(multiplier=backoff_base, max=backoff_max)
-        self._limiter = RateLimiter(rate_limit)
+        self._limiter = (
+            RateLimiter(rate_limit, monotonic, sleep) if monotonic is not None else RateLimiter(rate_limit)
+        )
         self._concurrency = asyncio.Semaphore(rate_limit.max_concurrent)
         self._breaker = CircuitBreaker(breaker_threshold, breaker_cooldown, self.clock)
         self._session: aiohttp.ClientSession | None = None
@@ -394,7 +495,9 @@ class Connector:
         """Build from a ``[[connections]]`` table; its ``rate_limit`` overrides the adapter's default."""
         if settings.rate_limit is not None:
             override = settings.rate_limit
-            rate_limit = RateLimit(override.requests, override.per_seconds, override.max_concurrent)
+            rate_limit = RateLimit(
+                override.requests, override.per_seconds, override.max_concurrent, rate_limit.window_seconds
+            )
         kw.setdefault("timeout", settings.timeout_seconds)
         return cls(name=settings.name, base_url=settings.base_url, rate_limit=rate_limit, auth=auth, clock=clock, **kw)
 
@@ -448,22 +551,26 @@ class Connector:
                 f"{retry_at.isoformat() if retry_at else 'the end of the cooldown'}",
                 connection=self.name,
             )
+        # A one-element list: time the rate limiter keeps a request waiting moves the deadline on.
+        deadline = [time.monotonic() + self.deadline]
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((_RetryableResponse, *_NETWORK_ERRORS)),
             wait=self._wait,
-            stop=stop_after_attempt(self.max_attempts) | stop_before_delay(self.deadline),
+            stop=stop_any(
+                stop_after_attempt(self.max_attempts),
+                _StopAtDeadline(deadline),
+            ),
             sleep=self._sleep,
             before_sleep=lambda state: self._before_retry(state, method, shown),
             reraise=True,
         )
-        deadline_at = time.monotonic() + self.deadline
         attempts = 0
         try:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
                     response = await self._attempt(
-                        method, target, shown, params, json, data, headers, authenticate, deadline_at
+                        method, target, shown, params, json, data, headers, authenticate, deadline
                     )
         except _RetryableResponse as exc:
             status = exc.response.status
@@ -511,7 +618,7 @@ class Connector:
         data: Any,
         headers: Mapping[str, str] | None,
         authenticate: bool,
-        deadline_at: float,
+        deadline_at: list[float],
     ) -> HttpResponse:
         auth = self.auth if authenticate else None
         auth_headers = await auth.headers(self) if auth is not None else {}
@@ -549,15 +656,18 @@ class Connector:
         data: Any,
         headers: Mapping[str, str] | None,
         auth_headers: Mapping[str, str],
-        deadline_at: float,
+        deadline_at: list[float],
     ) -> HttpResponse:
         session = self._get_session()
         merged = {**self.default_headers, **(headers or {}), **auth_headers}
         async with self._concurrency:
-            await self._limiter.acquire()
+            queued = time.monotonic()
+            sent_at = await self._limiter.acquire()
             started = time.monotonic()
+            deadline_at[0] += started - queued
+            ok = False
             try:
-                remaining = deadline_at - started
+                remaining = deadline_at[0] - started
                 if remaining <= 0:
                     raise TimeoutError()
                 async with session.request(
@@ -572,10 +682,21 @@ class Connector:
                 ) as raw:
                     body = await raw.read()
                     response = HttpResponse(raw.status, raw.headers, body, str(raw.url))
+                    # Token requests are not counted as what the quota let through: tools count API calls.
+                    ok = response.status < 400 and bool(auth_headers)
             finally:
-                self._limiter.release()
+                self._limiter.release(sent_at, ok=ok)
         if response.status == 429:
             self.stats.throttled += 1
+            if self.rate_limit.window_seconds and retry_after_seconds(response.headers, self.clock.now()) is None:
+                pause = self._limiter.throttled(sent_at)
+                log.warning(
+                    "http.throttled",
+                    connection=self.name,
+                    url=shown,
+                    pause=round(pause, 3),
+                    allowed_per_window=self._limiter.allowed,
+                )
         log.debug(
             "http.request",
             connection=self.name,
@@ -594,6 +715,8 @@ class Connector:
             after = retry_after_seconds(exc.response.headers, self.clock.now())
             if after is not None:
                 return min(after, self.retry_after_cap)
+            if exc.response.status == 429 and self.rate_limit.window_seconds:
+                return 0.0  # the rate limiter holds every request until the window has passed
         return float(self._backoff(state))
 
     def _before_retry(self, state: RetryCallState, method: str, shown: str) -> None:

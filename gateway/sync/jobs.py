@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import structlog
@@ -24,11 +25,12 @@ from gateway.core.billing.run import BillingRun, run_billing
 from gateway.core.clock import Clock
 from gateway.core.db import transaction
 from gateway.core.licensing.daily import DailyReport, run_daily
+from gateway.core.retention import prune_received_webhooks
 from gateway.core.settings import BillingSettings, LicensingSettings, MailSettings
 from gateway.errors import Conflict, DomainError
 from gateway.sync.devices import pull_connection
 from gateway.sync.mail import MailOutcome, Sleep, send_bill_emails, send_billing_reports
-from gateway.sync.outbox import deliver_until_idle
+from gateway.sync.outbox import deliver_connection_until_idle
 from gateway.sync.scheduler import ScheduledJob, exclusive
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -124,9 +126,15 @@ async def billing_job(
     Bills and report requests are committed before any e-mail is tried.
     """
     now = clock.now()
-    with transaction(db) as session:
-        overdue = len(mark_overdue(session, now=now))
-        run = run_billing(session, now=now, billing=billing, extra_lines=bill_built_lines(plugins), period=period)
+
+    def bill() -> tuple[int, BillingRun]:
+        with transaction(db) as session:
+            overdue = len(mark_overdue(session, now=now))
+            return overdue, run_billing(session, now=now, billing=billing, extra_lines=bill_built_lines(plugins),
+                                        period=period)
+
+    # In a thread: on SQLite the run waits for the write lock (BEGIN IMMEDIATE) without stalling the event loop.
+    overdue, run = await asyncio.to_thread(bill)
     outcome = MailOutcome()
     if mail.configured:
         for part in (
@@ -141,6 +149,44 @@ async def billing_job(
 
 
 # --- the daemon's job list ---
+
+
+def webhook_id_cutoffs(settings: Settings, plugins: GatewayPluginManager, now: datetime) -> dict[str, datetime]:
+    """Per connection with webhooks: ids received before this are no longer needed (see gateway.core.retention).
+
+    Each is ``webhooks.keep_ids_days`` back, or the connection's scheme's replay window when that is longer.
+    """
+    from gateway.sync.webhooks import load_schemes
+
+    schemes = load_schemes(plugins)
+    adapters = plugins.adapters()
+    keep = timedelta(days=settings.webhooks.keep_ids_days)
+    cutoffs: dict[str, datetime] = {}
+    for connection in settings.connections:
+        spec = adapters.get(connection.plugin)
+        scheme = schemes.get(connection.webhook_scheme or (spec.webhook_scheme if spec is not None else None) or "")
+        window = getattr(scheme, "replay_window_seconds", None)
+        cutoffs[connection.name] = now - max(keep, timedelta(seconds=window or 0))
+    return cutoffs
+
+
+async def prune_webhook_ids(db: sessionmaker[Session], clock: Clock, settings: Settings,
+                            plugins: GatewayPluginManager) -> int:
+    """The ``webhook-ids`` job: delete the webhook ids no replay or retry can need any more; how many."""
+    now = clock.now()
+    cutoffs = webhook_id_cutoffs(settings, plugins, now)
+
+    def work() -> int:
+        with transaction(db) as session:
+            pruned = sum(prune_received_webhooks(session, cutoff, connection=name) for name, cutoff in cutoffs.items())
+            # Connections no longer configured: their ids are kept as long as the default says, then go too.
+            return pruned + prune_received_webhooks(session, now - timedelta(days=settings.webhooks.keep_ids_days),
+                                                    excluding=list(cutoffs))
+
+    pruned = await asyncio.to_thread(work)
+    if pruned:
+        log.info("webhooks.ids_pruned", count=pruned)
+    return pruned
 
 
 def build_jobs(
@@ -180,9 +226,19 @@ def build_jobs(
         jobs.append(ScheduledJob(f"pull:{connection.name}", connection.poll_interval_seconds,
                                  exclusive(engine, f"pull:{connection.name}", pull)))
 
+    # G5: each PSA connection's deliveries are their own job (claims, pushes, back-off), so a tool that hangs
+    # holds only its own; "outbox" takes deliveries of connections no longer enabled (dead-lettered, said why).
+    for name in psa:
+
+        async def connection_outbox(name: str = name) -> object:
+            return await deliver_connection_until_idle(db, clock, settings.outbox, psa_for, notify, worker,
+                                                       delivered=delivered, connection=name, stop=stop)
+
+        jobs.append(ScheduledJob(f"outbox:{name}", settings.scheduler.outbox_interval_seconds, connection_outbox))
+
     async def outbox() -> object:
-        return await deliver_until_idle(db, clock, settings.outbox, psa_for, notify, worker, delivered=delivered,
-                                        connections=psa, stop=stop)
+        return await deliver_connection_until_idle(db, clock, settings.outbox, psa_for, notify, worker,
+                                                   delivered=delivered, connection=None, excluding=list(psa), stop=stop)
 
     async def billing() -> object:
         return len((await billing_job(db, clock, settings.billing, settings.mail, plugins)).run.bill_ids)
@@ -195,5 +251,7 @@ def build_jobs(
         ScheduledJob("billing", settings.scheduler.billing_interval_seconds, billing, leader_only=True),
         # The job records each reminder once, so running it often is safe and catches up after downtime.
         ScheduledJob("licensing", settings.scheduler.licensing_interval_seconds, licensing_daily, leader_only=True),
+        ScheduledJob("webhook-ids", settings.webhooks.prune_interval_seconds,
+                     lambda: prune_webhook_ids(db, clock, settings, plugins), leader_only=True),
     ]
     return jobs

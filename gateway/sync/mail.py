@@ -15,9 +15,14 @@ failed or interrupted send is retried and never loses a bill:
   ``billing-report:<partner id>`` / ``YYYY-MM`` in the run's transaction) and
   marked finished once sent.
 
-A bill row is locked while it is sent (``FOR UPDATE SKIP LOCKED`` on
-PostgreSQL), so two processes never send one bill twice. The one remaining
-window, a crash after the server accepted a message and before ``emailed_at``
+A bill is **claimed** before it is sent: one conditional UPDATE (still not
+e-mailed, and no live claim of another sender) sets ``email_claimed_by`` and a
+lease ``email_claimed_until`` and is committed before the SMTP conversation
+starts; the outcome is recorded only while the claim is still ours. So two
+processes never send one bill twice, on SQLite (which has no ``FOR UPDATE SKIP
+LOCKED``) as on PostgreSQL, and no transaction is held open while a server is
+slow. A sender that dies leaves a claim that expires; the bill goes out at a
+later pass. The one remaining window, a crash after the server accepted a message and before ``emailed_at``
 was committed, is closed on the reader's side: every message carries a
 Message-ID derived from the partner and bill number, which mail clients use
 to drop the second copy.
@@ -26,16 +31,20 @@ to drop the second copy.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from decimal import Decimal
 from email.message import EmailMessage
 from email.utils import formatdate
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import aiosmtplib
 import structlog
-from sqlalchemy import select
+from sqlalchemy import CursorResult, or_, select, update
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from gateway.core.access import system_principal
@@ -156,15 +165,59 @@ def bill_message(sender: str, bill: Bill, customer: Customer, partner: Partner) 
     return message
 
 
-def _locked_bill(session: Session, bill_id: int) -> Bill | None:
-    stmt = (
-        select(Bill)
-        .where(Bill.id == bill_id, Bill.emailed_at.is_(None))
-        .options(selectinload(Bill.lines))
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True, of=Bill)
-    return session.scalar(stmt)
+def _sender_id() -> str:
+    """This sending pass in claims: host, process and a random part (two passes of one process differ too)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"[:100]
+
+
+def _claim_seconds(mail: MailSettings, retry_delay: float) -> float:
+    """A claim outlives every try of one bill (timeouts and back-off sleeps), with a minute to spare."""
+    sleeps = sum(retry_delay * (2**attempt) for attempt in range(max(mail.max_attempts - 1, 0)))
+    return mail.max_attempts * mail.timeout_seconds + sleeps + 60.0
+
+
+def _claim_bill(db: sessionmaker[Session], bill_id: int, sender: str, now: datetime, until: datetime,
+                max_attempts: int | None) -> bool:
+    """Claim one bill for sending; False if it was e-mailed meanwhile or another sender holds a live claim.
+
+    One UPDATE, committed before anything is sent: the database orders two claims (SQLite's write lock,
+    PostgreSQL's row lock with the condition re-checked), so only one sender wins.
+    """
+    conditions = [
+        Bill.id == bill_id,
+        Bill.emailed_at.is_(None),
+        Bill.email.is_not(None),
+        Bill.status.in_([BillStatus.ISSUED, BillStatus.OVERDUE]),
+        or_(Bill.email_claimed_until.is_(None), Bill.email_claimed_until < now),
+    ]
+    if max_attempts is not None:
+        conditions.append(Bill.email_attempts < max_attempts)
+    with transaction(db) as session:
+        result = session.execute(
+            update(Bill).where(*conditions).values(email_claimed_by=sender, email_claimed_until=until)
+            .execution_options(synchronize_session=False)
+        )
+        # an UPDATE gives a CursorResult; Session.execute is typed as giving any Result
+        return cast(CursorResult[Any], result).rowcount == 1
+
+
+def _record_bill(db: sessionmaker[Session], bill_id: int, sender: str, **values: object) -> bool:
+    """Write the outcome and release the claim, only while the claim is still ours."""
+    with transaction(db) as session:
+        result = session.execute(
+            update(Bill).where(Bill.id == bill_id, Bill.email_claimed_by == sender)
+            .values(email_claimed_by=None, email_claimed_until=None, **values)
+            .execution_options(synchronize_session=False)
+        )
+        return cast(CursorResult[Any], result).rowcount == 1
+
+
+def _bill_and_message(db: sessionmaker[Session], sender: str, bill_id: int) -> tuple[Bill, Customer, EmailMessage]:
+    with db() as session:
+        bill = session.scalars(select(Bill).where(Bill.id == bill_id).options(selectinload(Bill.lines))).one()
+        customer = session.get_one(Customer, bill.customer_id)
+        partner = session.get_one(Partner, bill.partner_id)
+        return bill, customer, bill_message(sender, bill, customer, partner)
 
 
 async def send_bill_emails(
@@ -179,8 +232,9 @@ async def send_bill_emails(
 ) -> MailOutcome:
     """E-mail every issued bill not yet e-mailed (or just ``bill_ids``, whatever their attempts so far).
 
-    A bill whose tries all failed is announced to ``plugins`` as ``bill.email_failed``, after its
-    attempts and error are committed.
+    Each bill is claimed before it is sent (see the module docstring), so concurrent passes in
+    several processes send each bill once. A bill whose tries all failed is announced to
+    ``plugins`` as ``bill.email_failed``, after its attempts and error are committed.
     """
     mailer = Mailer(mail, sleep=sleep, retry_delay=retry_delay)
     outcome = MailOutcome()
@@ -195,36 +249,47 @@ async def send_bill_emails(
         else:
             stmt = stmt.where(Bill.email_attempts < mail.max_attempts)
         candidates = list(session.scalars(stmt.order_by(Bill.id)))
+    sender = _sender_id()
+    lease = timedelta(seconds=_claim_seconds(mail, retry_delay))
     for bill_id in candidates:
-        notice: dict[str, object] | None = None
-        with transaction(db) as session:
-            bill = _locked_bill(session, bill_id)
-            if bill is None:  # sent meanwhile, or being sent by another process
-                continue
-            customer = session.get_one(Customer, bill.customer_id)
-            partner = session.get_one(Partner, bill.partner_id)
-            message = bill_message(mailer.sender, bill, customer, partner)
+        now = clock.now()
+        claimed = await asyncio.to_thread(_claim_bill, db, bill_id, sender, now, now + lease,
+                                          None if bill_ids is not None else mail.max_attempts)
+        if not claimed:  # sent meanwhile, or being sent by another process
+            continue
+        try:
+            bill, customer, message = await asyncio.to_thread(_bill_and_message, db, mailer.sender, bill_id)
+        except Exception:
+            await asyncio.to_thread(_record_bill, db, bill_id, sender)  # release the claim, then report the bug
+            raise
+        errors: list[str] = []
 
-            def failed(error: str, bill: Bill = bill) -> None:
-                bill.email_attempts += 1
-                bill.email_error = error
-                log.warning("mail.bill_attempt_failed", bill=bill.number, attempts=bill.email_attempts, error=error)
+        def failed(error: str, bill: Bill = bill, errors: list[str] = errors) -> None:
+            errors.append(error)
+            log.warning("mail.bill_attempt_failed", bill=bill.number, attempts=bill.email_attempts + len(errors),
+                        error=error)
 
-            if await mailer.send(message, mail.max_attempts, failed):
-                bill.email_attempts += 1
-                bill.emailed_at = clock.now()
-                bill.email_error = None
-                outcome.sent.append(bill.number)
-                log.info("mail.bill_sent", bill=bill.number, attempts=bill.email_attempts)
-            else:
-                outcome.failed.append((bill.number, bill.email_error or "unknown error"))
-                log.error("mail.bill_failed", bill=bill.number, attempts=bill.email_attempts, error=bill.email_error,
-                          to_retry="gateway bills email --bill ID")
+        sent = await mailer.send(message, mail.max_attempts, failed)
+        attempts = bill.email_attempts + len(errors) + (1 if sent else 0)
+        if sent:
+            recorded = await asyncio.to_thread(_record_bill, db, bill_id, sender, email_attempts=attempts,
+                                               emailed_at=clock.now(), email_error=None)
+            outcome.sent.append(bill.number)
+            log.info("mail.bill_sent", bill=bill.number, attempts=attempts)
+        else:
+            error = errors[-1] if errors else "unknown error"
+            recorded = await asyncio.to_thread(_record_bill, db, bill_id, sender, email_attempts=attempts,
+                                               email_error=error)
+            outcome.failed.append((bill.number, error))
+            log.error("mail.bill_failed", bill=bill.number, attempts=attempts, error=error,
+                      to_retry="gateway bills email --bill ID")
+            if recorded and plugins is not None:
                 notice = {"bill": bill.number, "bill_id": bill.id, "partner_id": bill.partner_id,
                           "customer": customer.name, "customer_id": customer.id, "email": bill.email,
-                          "attempts": bill.email_attempts, "error": bill.email_error or "unknown error"}
-        if notice is not None and plugins is not None:
-            await plugins.call_each_async("gateway_notify", event="bill.email_failed", payload=notice)
+                          "attempts": attempts, "error": error}
+                await plugins.call_each_async("gateway_notify", event="bill.email_failed", payload=notice)
+        if not recorded:
+            log.warning("mail.bill_claim_lost", bill=bill.number, sender=sender, sent=sent)
     return outcome
 
 
@@ -269,60 +334,108 @@ async def send_billing_reports(
 
     A report that fails is retried at the next pass, up to ``mail.max_attempts``
     passes (counted in the job's ``owner`` field as ``attempts=N``), then reported.
+    Like a bill, a report is claimed before it is sent (``owner`` gains ``;until=`` and the
+    sender, by a compare-and-set UPDATE committed first), so two processes send it once.
     """
     mailer = Mailer(mail, sleep=sleep, retry_delay=retry_delay)
     outcome = MailOutcome()
+    sender = _sender_id()
     with db() as session:
         queued = [
-            (job.job, job.period, _attempts(job.owner))
+            (job.job, job.period, job.owner)
             for job in session.scalars(
                 select(JobRun).where(JobRun.job.like(f"{REPORT_JOB}:%"), JobRun.finished_at.is_(None))
             )
         ]
-    for job_name, period, attempts in queued:
+    for job_name, period, owner in queued:
+        attempts = _attempts(owner)
         if attempts >= mail.max_attempts:
             continue
+        now = clock.now()
+        claim = f"attempts={attempts};until={int(now.timestamp() + _claim_seconds(mail, retry_delay))};by={sender}"
+        if not await asyncio.to_thread(_claim_report, db, job_name, period, owner, claim[:100], now):
+            continue  # sent meanwhile, or being sent by another process
+        claim = claim[:100]
         what = f"billing report {period} for partner {job_name.split(':', 1)[1]}"
-        with transaction(db) as session:
-            stmt = select(JobRun).where(JobRun.job == job_name, JobRun.period == period, JobRun.finished_at.is_(None))
-            if session.get_bind().dialect.name == "postgresql":
-                stmt = stmt.with_for_update(skip_locked=True)
-            job = session.scalar(stmt)
-            if job is None:
-                continue
-            partner = session.get(Partner, int(job_name.split(":", 1)[1]))
-            if partner is None or not partner.email:
-                error = "the partner has no e-mail address; set one, and the report is sent at the next pass"
-                job.owner = f"attempts={attempts + 1}"
-                outcome.failed.append((what, error))
-                log.error("mail.report_failed", partner=job_name, period=period, error=error)
-                continue
-            month = parse_month(period)
-            principal = system_principal(partner.id, "system:billing-report")
-            bills = monthly_summary(session, partner.id, month)
-            customers = dict(session.execute(select(Customer.id, Customer.name).where(Customer.partner_id == partner.id)).all())
-            usage = csv_docs.usage_csv(usage_rows(session, principal, month))
-            message = report_message(mailer.sender, partner, month, bills, usage, customers)
-            errors: list[str] = []
-            if await mailer.send(message, 1, errors.append):
-                job.finished_at = clock.now()
-                job.owner = f"attempts={attempts + 1}"
-                outcome.sent.append(what)
-                log.info("mail.report_sent", partner=partner.id, period=period)
-            else:
-                job.owner = f"attempts={attempts + 1}"
-                outcome.failed.append((what, errors[-1]))
-                log.error("mail.report_failed", partner=partner.id, period=period, attempts=attempts + 1, error=errors[-1])
+        done = f"attempts={attempts + 1}"
+        built = await asyncio.to_thread(_report, db, mailer.sender, job_name, period)
+        if isinstance(built, str):
+            await asyncio.to_thread(_record_report, db, job_name, period, claim, owner=done)
+            outcome.failed.append((what, built))
+            log.error("mail.report_failed", partner=job_name, period=period, error=built)
+            continue
+        partner_id, message = built
+        errors: list[str] = []
+        if await mailer.send(message, 1, errors.append):
+            await asyncio.to_thread(_record_report, db, job_name, period, claim, owner=done, finished_at=clock.now())
+            outcome.sent.append(what)
+            log.info("mail.report_sent", partner=partner_id, period=period)
+        else:
+            await asyncio.to_thread(_record_report, db, job_name, period, claim, owner=done)
+            outcome.failed.append((what, errors[-1]))
+            log.error("mail.report_failed", partner=partner_id, period=period, attempts=attempts + 1, error=errors[-1])
     return outcome
 
 
+def _claim_report(db: sessionmaker[Session], job_name: str, period: str, seen: str | None, claim: str,
+                  now: datetime) -> bool:
+    """Compare-and-set the job's ``owner`` from what we read to our claim; refuse a live claim of another."""
+    if _claimed_until(seen) > now.timestamp():
+        return False
+    with transaction(db) as session:
+        result = session.execute(
+            update(JobRun)
+            .where(JobRun.job == job_name, JobRun.period == period, JobRun.finished_at.is_(None),
+                   JobRun.owner.is_(None) if seen is None else JobRun.owner == seen)
+            .values(owner=claim)
+            .execution_options(synchronize_session=False)
+        )
+        return cast(CursorResult[Any], result).rowcount == 1
+
+
+def _record_report(db: sessionmaker[Session], job_name: str, period: str, claim: str, **values: object) -> bool:
+    with transaction(db) as session:
+        result = session.execute(
+            update(JobRun).where(JobRun.job == job_name, JobRun.period == period, JobRun.owner == claim)
+            .values(**values).execution_options(synchronize_session=False)
+        )
+        return cast(CursorResult[Any], result).rowcount == 1
+
+
+def _report(db: sessionmaker[Session], sender: str, job_name: str, period: str) -> tuple[int, EmailMessage] | str:
+    """The report's message, or why there is none."""
+    with db() as session:
+        partner = session.get(Partner, int(job_name.split(":", 1)[1]))
+        if partner is None or not partner.email:
+            return "the partner has no e-mail address; set one, and the report is sent at the next pass"
+        month = parse_month(period)
+        principal = system_principal(partner.id, "system:billing-report")
+        bills = monthly_summary(session, partner.id, month)
+        customers = dict(session.execute(select(Customer.id, Customer.name).where(Customer.partner_id == partner.id)).all())
+        usage = csv_docs.usage_csv(usage_rows(session, principal, month))
+        return partner.id, report_message(sender, partner, month, bills, usage, customers)
+
+
+def _owner_fields(owner: str | None) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for part in (owner or "").split(";"):
+        key, _, value = part.partition("=")
+        fields[key] = value
+    return fields
+
+
 def _attempts(owner: str | None) -> int:
-    if owner and owner.startswith("attempts="):
-        try:
-            return int(owner.split("=", 1)[1])
-        except ValueError:
-            return 0
-    return 0
+    try:
+        return int(_owner_fields(owner).get("attempts", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def _claimed_until(owner: str | None) -> float:
+    try:
+        return float(_owner_fields(owner).get("until", "0") or 0)
+    except ValueError:
+        return 0.0
 
 
 # --- the billing calendar ------------------------------------------------------------------

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -91,9 +91,20 @@ def _default_document_builder() -> DocumentBuilder:
 
 
 def claim_due(
-    db: sessionmaker[Session], clock: Clock, settings: OutboxSettings, worker_id: str, *, limit: int
+    db: sessionmaker[Session],
+    clock: Clock,
+    settings: OutboxSettings,
+    worker_id: str,
+    *,
+    limit: int,
+    connection: str | None = None,
+    excluding: Sequence[str] = (),
 ) -> list[tuple[int, str]]:
-    """Lease up to ``limit`` due deliveries to ``worker_id``; returns (delivery id, connection) pairs."""
+    """Lease up to ``limit`` due deliveries to ``worker_id``; returns (delivery id, connection) pairs.
+
+    ``connection`` claims only that connection's deliveries (each PSA connection has its own loop, so a
+    hung tool never holds another's, G5); ``excluding`` skips the named connections.
+    """
     now = clock.now()
     lease = now + timedelta(seconds=settings.claim_seconds)
     with transaction(db) as session:
@@ -107,6 +118,10 @@ def claim_due(
             .order_by(Delivery.next_attempt_at, Delivery.id)
             .limit(limit)
         )
+        if connection is not None:
+            due = due.where(Delivery.connection == connection)
+        if excluding:
+            due = due.where(Delivery.connection.not_in(list(excluding)))
         if session.get_bind().dialect.name == "postgresql":
             due = due.with_for_update(skip_locked=True)
         # One statement, so the rows read are the rows written: SQLite takes its write lock before it
@@ -168,7 +183,7 @@ async def _deliver_one(
         try:
             if problem is None:
                 assert document is not None  # _load gives either a document or the problem that stopped it
-                push = await adapter.push_bill(document)
+                push = await _push_within(adapter, document, outbox.settings.push_timeout_seconds, connection)
         except Exception as exc:  # an adapter's bug must cost an attempt, not leave the delivery leased forever
             problem = exc
     finally:
@@ -198,6 +213,20 @@ async def _deliver_one(
         result.already_present += 1
     log.info("outbox.delivered", key=key, external_id=push.external_id, created=push.created)
     await outbox.delivered(connection, key, push)
+
+
+async def _push_within(adapter: PsaAdapter, document: BillDocument, seconds: float, connection: str) -> PushResult:
+    """The push, cut off after ``seconds``: a tool that accepts connections and never answers costs a
+    failed attempt with back-off, recorded, instead of holding the delivery (and its loop) for the
+    connector's whole retry deadline. Cutting a push off is safe: the next attempt looks for the key first."""
+    try:
+        return await asyncio.wait_for(adapter.push_bill(document), timeout=seconds)
+    except TimeoutError:
+        raise TransientError(
+            f"the push did not finish within {seconds:g} s ([outbox] push_timeout_seconds); the tool accepts "
+            "connections but does not answer in time; retrying with back-off",
+            connection=connection,
+        ) from None
 
 
 def _load(
@@ -293,12 +322,18 @@ async def deliver_round(
     limit: int | None = None,
     adapters: dict[str, PsaAdapter] | None = None,
     build: DocumentBuilder | None = None,
+    connection: str | None = None,
+    excluding: Sequence[str] = (),
 ) -> RoundResult:
-    """Claim and push one batch. ``adapters`` (by connection) are reused if given, else built and closed here."""
+    """Claim and push one batch. ``adapters`` (by connection) are reused if given, else built and closed here.
+
+    ``connection``/``excluding`` limit what is claimed (see :func:`claim_due`).
+    """
     outbox = _Outbox(db, clock, settings, notify, delivered)
     build = build or _default_document_builder()
     result = RoundResult()
-    claimed = await asyncio.to_thread(claim_due, db, clock, settings, worker_id, limit=limit or settings.batch_size)
+    claimed = await asyncio.to_thread(claim_due, db, clock, settings, worker_id, limit=limit or settings.batch_size,
+                                      connection=connection, excluding=excluding)
     result.claimed = len(claimed)
     if not claimed:
         return result
@@ -363,20 +398,59 @@ async def deliver_until_idle(
     connections: Iterable[str],
     stop: asyncio.Event | None = None,
 ) -> RoundResult:
-    """Run rounds until nothing is due (or ``stop`` is set); adapters are kept open across rounds."""
+    """Run rounds until nothing is due (or ``stop`` is set), each connection on its own loop (G5).
+
+    Every named connection claims and pushes only its own deliveries, so a tool that hangs holds
+    its own loop and nobody else's; one more loop takes the deliveries of connections not named
+    (removed or disabled ones), which are dead-lettered with the reason. Adapters are kept open
+    across rounds and closed at the end.
+    """
     names = list(connections)  # the enabled PSA connections: an adapter each, built before the first round
+    total = RoundResult()
+    results = await asyncio.gather(
+        *(deliver_connection_until_idle(db, clock, settings, psa_for, notify, worker_id, delivered=delivered,
+                                        connection=name, stop=stop) for name in names),
+        deliver_connection_until_idle(db, clock, settings, psa_for, notify, worker_id, delivered=delivered,
+                                      connection=None, excluding=names, stop=stop),
+        return_exceptions=True,
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        _add(total, result)
+    return total
+
+
+def _add(total: RoundResult, result: RoundResult) -> None:
+    for name in ("claimed", "delivered", "already_present", "failed", "dead"):
+        setattr(total, name, getattr(total, name) + getattr(result, name))
+    total.errors += result.errors
+
+
+async def deliver_connection_until_idle(
+    db: sessionmaker[Session],
+    clock: Clock,
+    settings: OutboxSettings,
+    psa_for: PsaFor,
+    notify: Notify,
+    worker_id: str,
+    *,
+    delivered: Delivered,
+    connection: str | None,
+    excluding: Sequence[str] = (),
+    stop: asyncio.Event | None = None,
+) -> RoundResult:
+    """Rounds of one connection's deliveries (``connection=None``: every connection not in ``excluding``)
+    until none is due or ``stop`` is set; the daemon runs one of these per PSA connection as its own job."""
     total = RoundResult()
     adapters: dict[str, PsaAdapter] = {}
     try:
         while stop is None or not stop.is_set():
-            for name in names:
-                if name not in adapters:
-                    adapters[name] = psa_for(name)
+            if connection is not None and connection not in adapters:
+                adapters[connection] = psa_for(connection)
             result = await deliver_round(db, clock, settings, psa_for, notify, worker_id, delivered=delivered,
-                                         adapters=adapters)
-            for name in ("claimed", "delivered", "already_present", "failed", "dead"):
-                setattr(total, name, getattr(total, name) + getattr(result, name))
-            total.errors += result.errors
+                                         adapters=adapters, connection=connection, excluding=excluding)
+            _add(total, result)
             if not result.claimed:
                 break
     finally:

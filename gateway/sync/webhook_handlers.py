@@ -31,7 +31,7 @@ the same day cannot collide.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
@@ -39,8 +39,9 @@ import structlog
 from sqlalchemy import Connection, Table, bindparam, select
 from sqlalchemy.orm import Session
 
+from gateway.core.billing.corrections import note_late_activity
 from gateway.core.billing.lifecycle import mark_bill_paid
-from gateway.core.models import Customer, Device, DeviceActivity, Workspace
+from gateway.core.models import ConnectionState, Customer, Device, DeviceActivity, Workspace
 from gateway.hookspecs import hookimpl
 from gateway.sync.webhooks import DriverStatement, insert_new_only
 from gateway.webhook_contract import WebhookEvent
@@ -68,7 +69,7 @@ def gateway_webhook_received(connection: str, event: WebhookEvent) -> None:
         if invoice_id is None:
             log.warning("webhook.ignored", connection=connection, event_id=event.id, reason="no data.invoice_id")
             return
-        paid_at = min(_time(data.get("paid_at")) or event.timestamp or received_at, received_at)
+        paid_at = min(_time(data.get("paid_at"), "data.paid_at") or event.timestamp or received_at, received_at)
         mark_bill_paid(event.session, connection, invoice_id, paid_at=paid_at)
         return
     device_id = _text(data.get("device_id"))
@@ -76,7 +77,7 @@ def gateway_webhook_received(connection: str, event: WebhookEvent) -> None:
         log.warning("webhook.ignored", connection=connection, event_id=event.id, reason="no data.device_id")
         return
     # A check-in cannot be later than its arrival; a sender clock running fast must not move activity ahead.
-    at = min(_time(data.get("last_contact")) or event.timestamp or received_at, received_at)
+    at = min(_time(data.get("last_contact"), "data.last_contact") or event.timestamp or received_at, received_at)
     online = event.type == DEVICE_ONLINE
     record_device_status(event.session, connection, device_id, online=online, at=at, now=received_at)
 
@@ -101,8 +102,14 @@ def record_device_status(
         },
     )
     if online and device.workspace_id is not None and not device.refused_reason:
-        day = at.astimezone(ZoneInfo(device.timezone or "UTC")).date()
-        _ADD_ACTIVITY.execute(db, {"device_id": device.id, "day": day})
+        zone = ZoneInfo(device.timezone or "UTC")
+        day = at.astimezone(zone).date()
+        # M5/G1: the day belongs to the workspace the device is in now, when its check-in is recorded.
+        _ADD_ACTIVITY.execute(db, {"device_id": device.id, "day": day, "workspace_id": device.workspace_id})
+        settled = device.complete_pass_started_at
+        if settled is not None and datetime.combine(day + timedelta(days=1), time(0), tzinfo=zone) <= settled:
+            # A check-in older than the connection's last complete pull: its cycle may be billed (M5).
+            note_late_activity(db, [(device.id, day, device.workspace_id)], now)
     return device.id
 
 
@@ -114,10 +121,11 @@ _ACTIVITY = cast(Table, DeviceActivity.__table__)
 _DEVICE_STATE = DriverStatement(
     select(
         Device.id, Device.online, Device.last_contact, Device.deleted, Device.workspace_id, Device.refused_reason,
-        Customer.timezone,
+        Customer.timezone, ConnectionState.complete_pass_started_at,
     )
     .outerjoin(Workspace, Workspace.id == Device.workspace_id)
     .outerjoin(Customer, Customer.id == Workspace.customer_id)
+    .outerjoin(ConnectionState, ConnectionState.connection == Device.connection)
     .where(Device.connection == bindparam("connection"), Device.external_id == bindparam("external_id"))
 )
 _SET_DEVICE_STATE = DriverStatement(
@@ -149,12 +157,26 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= 100 else None
 
 
-def _time(value: Any) -> datetime | None:
-    """An ISO 8601 time as aware UTC (naive means UTC); None when absent or unreadable."""
-    if not isinstance(value, str):
+def _time(value: Any, field: str = "") -> datetime | None:
+    """An ISO 8601 time as aware UTC (naive means UTC); None when absent or unreadable (logged).
+
+    A time at the very edge of the calendar (``0001-01-01T00:00:00+14:00`` is in the year 0 in UTC) is
+    unreadable too: converting it, or its day in a customer's zone, would overflow, and an error there would
+    answer 500 to a validly signed event that the sender then retries for ever.
+    """
+    if value is None:
         return None
     try:
+        if not isinstance(value, str):
+            raise ValueError("not a string")
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+        parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+        if not _FIRST_YEAR <= parsed.year <= _LAST_YEAR:  # a day either way stays inside the calendar
+            raise OverflowError("outside the calendar")
+    except (ValueError, OverflowError) as exc:
+        log.warning("webhook.time_unreadable", field=field, value=str(value)[:64], reason=str(exc)[:80])
         return None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    return parsed
+
+
+_FIRST_YEAR, _LAST_YEAR = 2, 9998

@@ -57,6 +57,7 @@ from functools import lru_cache
 
 from gateway.hookspecs import hookimpl
 from gateway.sync.webhooks import (
+    TOLERANCE_SECONDS,
     body_event_id,
     check_timestamp,
     ci_headers,
@@ -72,6 +73,8 @@ class StandardWebhooks:
     """Standard Webhooks 1.0: ``webhook-id``/``-timestamp``/``-signature``, HMAC-SHA256, ``whsec_`` secrets."""
 
     name = "standard-webhooks"
+    #: A replay is refused by its timestamp once it is over 300 s from the clock: 600 s after the first arrival.
+    replay_window_seconds: float | None = 2 * TOLERANCE_SECONDS
 
     def validate_secret(self, secret: str) -> None:
         _whsec_key(secret)
@@ -126,6 +129,7 @@ class ConnectWiseCallbacks:
     """ConnectWise PSA callbacks: ``x-content-signature``, HMAC-SHA256 keyed with SHA-256(signing key)."""
 
     name = "connectwise"
+    replay_window_seconds: float | None = None  # no timestamp: only the kept id refuses a replayed body
 
     def verify(self, headers: Mapping[str, str], raw_body: bytes, secret: str, now: datetime) -> WebhookEvent:
         signature = ci_headers(headers).get("x-content-signature")
@@ -149,6 +153,7 @@ class AutotaskWebhooks:
     """Autotask webhooks: ``X-Hook-Signature: sha1=<base64 HMAC-SHA1 of the body>``."""
 
     name = "autotask"
+    replay_window_seconds: float | None = None  # no timestamp: only the kept id refuses a replayed body
 
     def verify(self, headers: Mapping[str, str], raw_body: bytes, secret: str, now: datetime) -> WebhookEvent:
         header = ci_headers(headers).get("x-hook-signature", "")
@@ -171,6 +176,7 @@ class HaloPsaWebhooks:
     """HaloPSA webhooks with Basic authentication; ``webhook_secret`` is ``username:password``."""
 
     name = "halopsa"
+    replay_window_seconds: float | None = None  # no timestamp: only the kept id refuses a replayed body
 
     def validate_secret(self, secret: str) -> None:
         username, colon, _ = secret.partition(":")

@@ -79,7 +79,7 @@ import json
 import logging
 import time
 from collections import namedtuple
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -270,6 +270,24 @@ def build_endpoints(gateway: Gateway, schemes: Mapping[str, WebhookScheme]) -> d
     return endpoints
 
 
+def webhook_refusals(
+    connections: Sequence[ConnectionSettings], endpoints: Mapping[str, WebhookEndpoint]
+) -> dict[str, str]:
+    """For each configured connection that accepts no webhooks, why (the receiver logs it; config check warns)."""
+    reasons: dict[str, str] = {}
+    for connection in connections:
+        if connection.name in endpoints:
+            continue
+        if not connection.enabled:
+            reasons[connection.name] = "the connection is disabled (enabled = false)"
+        else:
+            reasons[connection.name] = (
+                f"connection {connection.name!r} has no webhook_secret, so no webhook is accepted for it; set "
+                "webhook_secret (the secret the tool signs with) in its [[connections]] table"
+            )
+    return reasons
+
+
 def _secrets_of(connection: ConnectionSettings) -> tuple[str, ...]:
     current = connection.webhook_secret.get_secret_value() if connection.webhook_secret else ""
     previous = connection.credentials.get(PREVIOUS_SECRET_CREDENTIAL)
@@ -285,6 +303,8 @@ class WebhookReceiver:
         self.counters = counters
         self.schemes = load_schemes(gateway.plugins)
         self.endpoints = build_endpoints(gateway, self.schemes)
+        #: Why a configured connection has no endpoint, for the log line of a refused request.
+        self.refusals = webhook_refusals(gateway.settings.connections, self.endpoints)
         store.insert_ignore(_RECEIVED, gateway.engine.dialect.name)  # another database: a start-up error
         # Answered 503 (retry later): the database or its driver failed, not a handler.
         self._database_errors = (SQLAlchemyError, gateway.engine.dialect.loaded_dbapi.Error)
@@ -296,7 +316,14 @@ class WebhookReceiver:
         name = request.match_info.get("connection", "")
         endpoint = self.endpoints.get(name)
         if endpoint is None:
+            # The answer is the same 404 for every reason (nothing to probe); the log says which reason it was.
             # Unknown names are not used as metric labels: anyone can invent them.
+            reason = self.refusals.get(name)
+            if reason is not None:
+                log.warning("webhook.refused", connection=name, status=404, reason=reason)
+            else:
+                log.info("webhook.refused", connection=name[:64], status=404,
+                         reason="no connection of that name is configured")
             return self._answer("_unknown", "unknown_connection", 404, {"error": "no webhook endpoint here"}, started)
         if not _is_json_type(request):
             return self._answer(

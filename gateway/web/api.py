@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from gateway.app import Gateway
 
 API_PREFIX = "/api/v1"
+#: The largest id a path can name: ids are INTEGER columns (signed 32 bits on PostgreSQL). A larger one is
+#: answered 404 before it reaches the database (which would refuse it); the OpenAPI document says so.
+MAX_PATH_ID = 2**31 - 1
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 DB_EXECUTOR = web.AppKey("db_executor", ThreadPoolExecutor)
@@ -104,16 +107,52 @@ def principal_of(request: web.Request) -> Principal:
     return request[PRINCIPAL]
 
 
+#: The largest request body (bytes): aiohttp's ``client_max_size``; a larger one is answered 413.
+MAX_BODY_BYTES = 1024 * 1024
+#: How deeply a JSON body may nest arrays and objects; no body of this API needs more than a few levels.
+MAX_BODY_DEPTH = 32
+
+
 async def read_body(request: web.Request, model: type[M]) -> M:
-    """The JSON body as ``model``; 400 when it is not a JSON object, 422 (with the field) when it does not fit."""
-    raw = await request.read()
+    """The JSON body as ``model``: 413 when too large, 422 when missing, 400 when it is not a JSON object (or
+    nests too deeply), 422 (with the field) when it does not fit the model."""
     try:
-        data = json.loads(raw) if raw.strip() else {}
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise HttpProblem(413, "too_large", f"the request body is larger than {request.client_max_size} bytes; "
+                          "send less per request") from None
+    if not raw.strip():
+        raise HttpProblem(422, "validation_error", "the request body is required: send a JSON object "
+                          "(see /api/v1/openapi.json; {} takes every default)", field="body")
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError):
         raise HttpProblem(400, "bad_request", "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise HttpProblem(400, "bad_request", "the request body must be a JSON object")
+    if _depth(data) > MAX_BODY_DEPTH:
+        raise _too_deep()
     return model.model_validate(data)
+
+
+def _too_deep() -> HttpProblem:
+    return HttpProblem(400, "bad_request", f"the request body nests arrays or objects more than {MAX_BODY_DEPTH} "
+                       "levels deep; no field of this API takes that")
+
+
+def _depth(data: Any) -> int:
+    """How deeply ``data`` nests lists and dicts (iteratively: a deep value cannot exhaust the stack here)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, level)
+            if deepest > MAX_BODY_DEPTH:
+                return deepest
+            stack.extend((item, level + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def read_query(request: web.Request, model: type[M]) -> M:

@@ -8,6 +8,7 @@ authenticated and documented in ``/api/v1/openapi.json`` with nothing else to do
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 import time
 import uuid
@@ -21,7 +22,7 @@ from aiohttp import web
 from gateway import __version__
 from gateway.core.access import Principal
 from gateway.core.users import authenticate
-from gateway.web.api import API_PREFIX, DB_EXECUTOR, GATEWAY, PRINCIPAL, Endpoint, in_db
+from gateway.web.api import API_PREFIX, DB_EXECUTOR, GATEWAY, MAX_BODY_BYTES, PRINCIPAL, Endpoint, in_db
 from gateway.web.auth import bearer_token, invalid_token
 from gateway.web.errors import REQUEST_ID, error_middleware
 from gateway.web.health import add_health_routes
@@ -33,7 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 log = structlog.get_logger(__name__)
 
 #: Route modules of the admin API, each exposing ``routes``.
-ROUTE_MODULES: tuple[str, ...] = ("gateway.web.licenses", "gateway.web.billing")
+ROUTE_MODULES: tuple[str, ...] = ("gateway.web.licenses", "gateway.web.billing", "gateway.web.devices",
+                                   "gateway.web.editions", "gateway.web.partners", "gateway.web.customers")
 
 OPENAPI = web.AppKey("openapi", dict)
 PUBLIC_HANDLERS = web.AppKey("public_handlers", frozenset)
@@ -43,7 +45,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 def create_app(gateway: Gateway, *, route_modules: Sequence[str] = ROUTE_MODULES) -> web.Application:
     """The admin API application; the caller keeps owning ``gateway`` (its engine is not disposed here)."""
     app = web.Application(middlewares=[request_context, error_middleware, auth_middleware],
-                          client_max_size=1024 * 1024)
+                          client_max_size=MAX_BODY_BYTES)
     app[GATEWAY] = gateway
     endpoints: list[Endpoint] = []
     for name in route_modules:
@@ -59,7 +61,40 @@ def create_app(gateway: Gateway, *, route_modules: Sequence[str] = ROUTE_MODULES
     app[PUBLIC_HANDLERS] = frozenset([openapi_document, *(e.handler for e in endpoints if e.public)])
     add_health_routes(app, gateway)
     app.cleanup_ctx.append(_db_executor)
+    quiet_malformed_requests()
     return app
+
+
+class MalformedRequestFilter(logging.Filter):
+    """A request aiohttp cannot parse (a NUL byte in a header, a broken request line) is the client's fault.
+
+    aiohttp answers it 400 and logs an ERROR with the parser's traceback; this turns that record into one
+    WARNING line: who sent it and what was wrong, without the offending bytes (a header may hold a secret).
+    Any other record, including a real server error, passes unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and (exc.code or 400) < 500:
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            reason = (exc.message or type(exc).__name__).strip().splitlines()[0].rstrip(":")
+            record.msg, record.args = "malformed HTTP request from %s answered 400: %s", (remote, reason)
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+            if record.levelno > logging.WARNING:  # aiohttp logs a bad first request line at DEBUG: keep that
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_MALFORMED_FILTER = MalformedRequestFilter()
+
+
+def quiet_malformed_requests() -> None:
+    """Install :class:`MalformedRequestFilter` on aiohttp's server logger (once, however many apps are built)."""
+    server_logger = logging.getLogger("aiohttp.server")
+    if _MALFORMED_FILTER not in server_logger.filters:
+        server_logger.addFilter(_MALFORMED_FILTER)
 
 
 async def _db_executor(app: web.Application) -> AsyncIterator[None]:

@@ -10,9 +10,11 @@ billing job (or ``gateway bills email``), not inside the request.
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal
+from urllib.parse import quote
 
 from aiohttp import web
 from pydantic import BaseModel, Field
@@ -39,14 +41,25 @@ from gateway.core.models import (
 )
 from gateway.errors import NotFound
 from gateway.sync.jobs import bill_built_lines
-from gateway.web.api import Body, Routes, gateway_of, in_db, principal_of, read_body, read_query, respond
+from gateway.web.api import (
+    MAX_PATH_ID,
+    Body,
+    Routes,
+    gateway_of,
+    in_db,
+    principal_of,
+    read_body,
+    read_query,
+    respond,
+)
 from gateway.web.openapi import Download
 from gateway.web.pagination import Page, PageParams, page
+from gateway.web.types import Currency, Email, Id, Money, Period, SignedMoney, TimeZone
 
 routes = Routes(tag="billing")
 
 CSV, PDF = "text/csv", "application/pdf"
-MONTH_PATTERN = r"^\d{4}-\d{2}$"
+MONTH_PATTERN = r"^[0-9]{4}-[0-9]{2}$"  # ASCII digits: \d would take any script's digits
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -196,12 +209,42 @@ class CancellationOut(BaseModel):
     workspaces: list[AffectedWorkspaceOut]
 
 
+class ReleasedLicenseOut(BaseModel):
+    key: str
+    expires_at: datetime | None
+    recyclable: bool = Field(description="its unused period may serve a different workspace (key never exposed)")
+
+
+class CustomerPriceStartOut(BaseModel):
+    customer_id: int
+    customer: str
+    effective_from: date = Field(description="the customer-local day this customer takes the new price from")
+    billed_through: date | None = Field(description="set when the day reached into a billed cycle (deferred)")
+    deferred: bool = Field(description="the new price starts with this customer's next cycle")
+
+
+class PriceChangeOut(PlanOut):
+    effective_from: date = Field(description="the plan-wide day (for customers associated later)")
+    customers: list[CustomerPriceStartOut]
+
+
 class JoinedWorkspaceOut(BaseModel):
     workspace_id: int
     name: str
     monthly_billing_since: date
     max_devices: int | None
     edition_id: int | None
+    released_license: ReleasedLicenseOut | None = Field(
+        default=None, description="the license joining replaced (M2): released, its period keeps running")
+
+
+class LeavingWorkspaceOut(BaseModel):
+    workspace_id: int
+    workspace: str
+    last_day: date = Field(description="its last (billed) day on the plan, customer-local")
+    devices: list[str]
+    #: False: nothing changed yet; repeat with ``confirm: true``.
+    confirmed: bool
 
 
 class HistoryEntryOut(BaseModel):
@@ -223,18 +266,18 @@ class PlanQuery(PageParams):
 
 
 class AssociationQuery(PageParams):
-    plan_id: int | None = None
-    customer_id: int | None = None
+    plan_id: Id | None = None
+    customer_id: Id | None = None
 
 
 class BillQuery(PageParams):
-    customer_id: int | None = None
+    customer_id: Id | None = None
     status: BillStatus | None = None
     kind: BillKind | None = None
 
 
 class AdjustmentQuery(PageParams):
-    customer_id: int | None = None
+    customer_id: Id | None = None
     pending: bool = Field(default=True, description="only those not yet on a bill")
 
 
@@ -243,55 +286,56 @@ class DocumentQuery(BaseModel):
 
 
 class UsageQuery(BaseModel):
-    period: str = Field(pattern=MONTH_PATTERN, description="the month, YYYY-MM")
+    period: Period = Field(description="the month, YYYY-MM")
 
 
 class PlanBody(Body):
     name: str = Field(min_length=1, max_length=200)
-    price_per_device: Decimal = Field(ge=0, max_digits=18, decimal_places=4)
-    currency: str = Field(min_length=3, max_length=3, description="ISO 4217, e.g. USD")
+    price_per_device: Money
+    currency: Currency
 
 
 class PriceBody(Body):
-    price_per_device: Decimal = Field(ge=0, max_digits=18, decimal_places=4)
-    effective_from: date | None = Field(default=None, description="first (customer-local) day; default: today (UTC)")
+    price_per_device: Money
+    effective_from: date | None = Field(
+        default=None, description="first (customer-local) day; default: today in each customer's zone")
 
 
 class AssociationBody(Body):
-    plan_id: int
-    customer_ids: list[int] = Field(min_length=1, max_length=1000)
+    plan_id: Id
+    customer_ids: list[Id] = Field(min_length=1, max_length=1000)
     cycle: BillingCycle
     starts_on: date
     due_days: int | None = Field(default=None, ge=0, le=365, description="default: the configured due days")
-    email: str = Field(min_length=3, max_length=320, description="where the bills are sent")
+    email: Email = Field(description="where the bills are sent")
 
 
 class DissociateBody(Body):
-    customer_ids: list[int] = Field(min_length=1, max_length=1000)
+    customer_ids: list[Id] = Field(min_length=1, max_length=1000)
 
 
 class CreditBody(Body):
-    amount: Decimal = Field(gt=0, max_digits=18, decimal_places=4)
+    amount: Money = Field(gt=0, description="more than 0, as a decimal string")
     reason: str = Field(min_length=1, max_length=400)
 
 
 class AdjustmentBody(Body):
-    customer_id: int
+    customer_id: Id
     kind: Literal["charge", "discount", "credit"]
     description: str = Field(min_length=1, max_length=500)
-    amount: Decimal = Field(max_digits=18, decimal_places=4)
-    currency: str = Field(min_length=3, max_length=3)
+    amount: SignedMoney
+    currency: Currency
 
 
 class RunBody(Body):
-    period: str | None = Field(default=None, pattern=MONTH_PATTERN,
-                               description="bill the cycles ending in this month (default: every due cycle)")
+    period: Period | None = Field(default=None,
+                                  description="bill the cycles ending in this month (default: every due cycle)")
     dry_run: bool = Field(default=False, description="compute and show the bills, save nothing")
     draft: bool = Field(default=False, description="save as drafts, to be issued one by one")
 
 
 class EnableBody(Body):
-    timezone: str = Field(default="UTC", max_length=64, description="the partner's billing time zone (IANA)")
+    timezone: TimeZone = Field(default="UTC", description="the partner's billing time zone (IANA)")
 
 
 class CancelBody(Body):
@@ -300,9 +344,14 @@ class CancelBody(Body):
 
 
 class JoinBody(Body):
-    workspace_id: int
+    workspace_id: Id
     max_devices: int = Field(ge=1, le=1_000_000)
-    edition_id: int | None = None
+    edition_id: Id | None = None
+    key_exposed: bool = Field(default=False, description="the license key reached end users: not recycled (M2)")
+
+
+class LeaveBody(Body):
+    confirm: bool = Field(default=False, description="end the workspace's monthly license today (M2)")
 
 
 # --- conversions ----------------------------------------------------------------------------------
@@ -368,14 +417,22 @@ def _cancellation(plan: subscriptions.CancellationPlan) -> dict[str, Any]:
 
 def _int_path(request: web.Request, name: str) -> int:
     raw = request.match_info[name]
-    if not raw.isdigit():
+    # ASCII digits only: str.isdigit() also takes '²' (int() then fails) and '١' (int() reads 1).
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_PATH_ID:  # past any integer column: no row
         raise NotFound(f"no {name.removesuffix('_id')} with id {raw!r}", field=name)
     return int(raw)
 
 
+def content_disposition(filename: str) -> str:
+    """RFC 6266: ``attachment`` with an ASCII ``filename`` fallback (nothing that could end the quoted string
+    or the header) and the exact name as ``filename*`` (RFC 5987 UTF-8 percent-encoding)."""
+    fallback = re.sub(r"[^A-Za-z0-9._-]", "_", filename) or "download"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
 def _file(data: bytes, media_type: str, filename: str) -> web.Response:
     return web.Response(body=data, content_type=media_type,
-                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+                        headers={"Content-Disposition": content_disposition(filename)})
 
 
 # --- plans (S1, S6, S7) ------------------------------------------------------------------------------
@@ -416,18 +473,21 @@ async def get_plan(request: web.Request) -> web.Response:
 
 
 @routes.post("/plans/{plan_id}/prices", summary="change the price from a day on, prorated by days (S7)",
-             body=PriceBody, response=PlanOut)
+             body=PriceBody, response=PriceChangeOut)
 async def change_price(request: web.Request) -> web.Response:
     body = await read_body(request, PriceBody)
     gw, principal, plan_id = gateway_of(request), principal_of(request), _int_path(request, "plan_id")
 
     def work(session: Session) -> dict[str, Any]:
         now = gw.clock.now()
-        plan = billing_plans.change_price(session, principal, plan_id, price_per_device=body.price_per_device,
-                                          effective_from=body.effective_from or now.date(), now=now)
-        return _plan(session, plan)
+        change = billing_plans.change_price(session, principal, plan_id, price_per_device=body.price_per_device,
+                                            effective_from=body.effective_from, now=now)
+        return {**_plan(session, change.plan), "effective_from": change.effective_from,
+                "customers": [{"customer_id": c.customer_id, "customer": c.customer,
+                               "effective_from": c.effective_from, "billed_through": c.billed_through,
+                               "deferred": c.deferred} for c in change.customers]}
 
-    return respond(PlanOut, await in_db(request, work))
+    return respond(PriceChangeOut, await in_db(request, work))
 
 
 @routes.post("/plans/{plan_id}/archive", summary="archive a plan with no open association", response=PlanOut)
@@ -706,14 +766,31 @@ async def join_monthly(request: web.Request) -> web.Response:
     gw, principal = gateway_of(request), principal_of(request)
 
     def work(session: Session) -> dict[str, Any]:
-        workspace = subscriptions.join_monthly(session, principal, workspace_id=body.workspace_id,
-                                               max_devices=body.max_devices, edition_id=body.edition_id,
-                                               now=gw.clock.now())
+        joined = subscriptions.join_monthly(session, principal, workspace_id=body.workspace_id,
+                                            max_devices=body.max_devices, edition_id=body.edition_id,
+                                            now=gw.clock.now(), key_exposed=body.key_exposed)
+        workspace = joined.workspace
         return {"workspace_id": workspace.id, "name": workspace.name,
                 "monthly_billing_since": workspace.monthly_billing_since, "max_devices": workspace.max_devices,
-                "edition_id": workspace.edition_id}
+                "edition_id": workspace.edition_id,
+                "released_license": vars(joined.released) if joined.released else None}
 
     return respond(JoinedWorkspaceOut, await in_db(request, work), status=201)
+
+
+@routes.post("/billing/monthly/workspaces/{workspace_id}/leave",
+             summary="take one workspace off monthly billing today; lists its devices, needs confirm (M2)",
+             body=LeaveBody, response=LeavingWorkspaceOut)
+async def leave_monthly(request: web.Request) -> web.Response:
+    workspace_id = _int_path(request, "workspace_id")
+    body = await read_body(request, LeaveBody)
+    gw, principal = gateway_of(request), principal_of(request)
+
+    def work(session: Session) -> dict[str, Any]:
+        return vars(subscriptions.leave_monthly(session, principal, workspace_id=workspace_id, now=gw.clock.now(),
+                                                confirm=body.confirm))
+
+    return respond(LeavingWorkspaceOut, await in_db(request, work))
 
 
 @routes.get("/billing/history", summary="every past payment of monthly billing (M7)",

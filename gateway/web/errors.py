@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm.exc import StaleDataError
@@ -84,6 +85,12 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return error_response(422, exc.code, exc.message, exc.field)
     except ValidationError as exc:
         return _validation_problem(exc)
+    except RequestPayloadError:  # the body could not be read: a Content-Encoding that does not fit it, a cut body
+        encoding = request.headers.get("Content-Encoding")
+        message = (f"the request body says Content-Encoding: {encoding[:40]} but is not {encoding[:40]}-encoded; "
+                   "send it uncompressed or compress it as it says" if encoding else
+                   "the request body could not be read (cut short or malformed); send it again")
+        return error_response(400, "bad_request", message)
     except StaleDataError:
         return error_response(409, "conflict", "the resource was changed by someone else at the same time; "
                               "reload it and try again")
@@ -95,7 +102,8 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
         message = f"no route {request.method} {request.path}" if exc.status in (404, 405) else exc.reason
-        return error_response(exc.status, code, message)
+        allow = exc.headers.get("Allow")  # a 405 says which methods the path has (RFC 9110)
+        return error_response(exc.status, code, message, headers={"Allow": allow} if allow is not None else None)
     except Exception:
         request_id = request.get(REQUEST_ID, "?")
         log.exception("http.unhandled", path=request.path, method=request.method)

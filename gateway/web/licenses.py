@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.orm import Session
 
 from gateway.core.access import require_admin
@@ -29,8 +29,19 @@ from gateway.core.licensing.rules import (
 )
 from gateway.core.models import OrderKind, PoolMode
 from gateway.errors import NotFound
-from gateway.web.api import Body, Routes, gateway_of, in_db, principal_of, read_body, read_query, respond
+from gateway.web.api import (
+    MAX_PATH_ID,
+    Body,
+    Routes,
+    gateway_of,
+    in_db,
+    principal_of,
+    read_body,
+    read_query,
+    respond,
+)
 from gateway.web.pagination import Page, PageParams, page
+from gateway.web.types import Count, Id
 
 routes = Routes(tag="licenses")
 
@@ -119,7 +130,8 @@ class DeleteExpiredOut(BaseModel):
 
 class CompanySettingsOut(BaseModel):
     automatic_exchange: bool
-    pool_mode: PoolMode
+    #: L15: null when the company has no allocation setting of its own (each user's applies).
+    pool_mode: PoolMode | None
     pool_limit: int | None
 
 
@@ -144,7 +156,7 @@ class LicenseQuery(PageParams):
     expired: bool = Field(default=False, description="only expired licenses and coupons (or'ed with the other flags)")
     expiring_soon: bool = Field(default=False, description="only active licenses that end within 30 days")
     coupon_deadline_soon: bool = Field(default=False, description="only unused keys whose activation deadline is near")
-    customer_id: int | None = None
+    customer_id: Id | None = None
     in_pool: bool | None = None
     include_void: bool = False
 
@@ -180,10 +192,12 @@ class LicensePatch(Body):
 
 
 class AssignBody(Body):
-    workspace_id: int
+    workspace_id: Id
 
 
 class RenewBody(Body):
+    """Either ``years`` or ``coupon: true``, not both and not neither (else 422)."""
+
     years: int | None = Field(default=None, ge=1, le=MAX_RENEWAL_YEARS)
     coupon: bool = Field(default=False, description="renew by consuming an unused key (L8) instead of by years")
     edition: str | None = Field(default=None, min_length=1, max_length=64,
@@ -206,14 +220,28 @@ class DeleteExpiredBody(Body):
 
 
 class CompanySettingsPatch(Body):
+    """Only the fields given change; ``pool_limit`` needs ``pool_mode`` beside it (L15), else 422."""
+
+    model_config = ConfigDict(json_schema_extra={"dependentRequired": {"pool_limit": ["pool_mode"]}})
+
     automatic_exchange: bool | None = None
-    pool_mode: PoolMode | None = None
-    pool_limit: int | None = Field(default=None, ge=0)
+    pool_mode: PoolMode | None = Field(
+        default=None,
+        description="global or limited: the company's setting, which overrides its users' (L15); "
+                    "null removes it so each user's own applies; left out: unchanged",
+    )
+    pool_limit: Count | None = Field(default=None, description="with pool_mode limited only (L15)")
+
+    @model_validator(mode="after")
+    def _limit_needs_mode(self) -> CompanySettingsPatch:
+        if "pool_limit" in self.model_fields_set and "pool_mode" not in self.model_fields_set:
+            raise ValueError("pool_limit needs pool_mode beside it, e.g. {\"pool_mode\": \"limited\", \"pool_limit\": 5} (L15)")
+        return self
 
 
 class UserAllocationBody(Body):
     pool_mode: PoolMode | None = Field(description="null: no own setting (the global pool)")
-    pool_limit: int | None = Field(default=None, ge=0)
+    pool_limit: Count | None = Field(default=None, description="with pool_mode limited only (L15)")
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -472,8 +500,9 @@ async def patch_company_settings(request: web.Request) -> web.Response:
     principal = principal_of(request)
 
     def work(session: Session) -> dict[str, Any]:
+        unset = "pool_mode" in body.model_fields_set and body.pool_mode is None
         pool.set_company_settings(session, principal, automatic_exchange=body.automatic_exchange,
-                                  pool_mode=body.pool_mode, pool_limit=body.pool_limit)
+                                  pool_mode=body.pool_mode, pool_limit=body.pool_limit, unset_pool_mode=unset)
         return pool.company_settings(session, principal)
 
     return respond(CompanySettingsOut, await in_db(request, work))
@@ -504,6 +533,7 @@ async def put_user_allocation(request: web.Request) -> web.Response:
 
 def _int_path(request: web.Request, name: str) -> int:
     raw = request.match_info[name]
-    if not raw.isdigit():
+    # ASCII digits only: str.isdigit() also takes '²' (int() then fails) and '١' (int() reads 1).
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_PATH_ID:  # past any integer column: no row
         raise NotFound(f"no {name.removesuffix('_id')} with id {raw!r}", field=name)
     return int(raw)

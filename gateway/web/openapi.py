@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from gateway.web.api import Endpoint
+from gateway.web.api import MAX_PATH_ID, Endpoint
 from gateway.web.errors import ErrorBody
 
 REF = "#/components/schemas/{model}"
@@ -21,12 +21,16 @@ class Download:
     """A route's response that is a file (e.g. CSV or PDF) rather than JSON: ``response=Download(("text/csv",))``."""
 
     media_types: tuple[str, ...]
+#: Every status an operation can answer besides its success, each in the error body of gateway.web.errors.
 _ERRORS = {
-    "400": "the body is not a JSON object",
+    "400": "the body is not a JSON object, or nests more than 32 levels deep",
     "401": "no token, or an unknown or revoked one",
     "404": "no such resource, or not visible to the caller",
+    "405": "the path does not take this method (the Allow header lists those it takes)",
     "409": "the current state forbids the change",
-    "422": "the input breaks a rule or does not validate",
+    "413": "the body is larger than 1 MiB",
+    "422": "the input breaks a rule or does not validate, or a required body is missing (the field is named)",
+    "503": "the database is unavailable or busy; try again shortly",
 }
 
 
@@ -102,12 +106,30 @@ def _is_model(value: Any) -> bool:
     return isinstance(value, type) and issubclass(value, BaseModel)
 
 
+#: A license key as the API prints it: five groups of five symbols of Crockford's base 32 (gateway.core.license_keys).
+#: The API also reads other spellings (lower case, no dashes); this is the form to send.
+KEY_PATTERN = "^[0-9A-HJKMNP-TV-Z]{5}(-[0-9A-HJKMNP-TV-Z]{5}){4}$"
+
+
 def _path_parameters(path: str) -> list[dict[str, Any]]:
-    return [
-        {"name": name, "in": "path", "required": True,
-         "schema": {"type": "integer"} if name == "id" or name.endswith("_id") else {"type": "string"}}
-        for name in re.findall(r"{(\w+)}", path)
-    ]
+    """Each path parameter with the values that can name something, so a generated request can reach the handler.
+
+    Without them a client generating requests from this document (a fuzzer, a test generator) sends ids past any
+    integer and keys of any text; the only answers that are not a validation error are then the 401s of its own
+    requests without a token, which reads as "authentication failed" although the token was accepted.
+    """
+    parameters = []
+    for name in re.findall(r"{(\w+)}", path):
+        schema: dict[str, Any]
+        if name == "id" or name.endswith("_id"):
+            schema = {"type": "integer", "minimum": 1, "maximum": MAX_PATH_ID}
+        elif name == "key":
+            schema = {"type": "string", "pattern": KEY_PATTERN, "minLength": 29, "maxLength": 29,
+                      "examples": ["7K3QD-0M9ZX-4T2WB-8HNCV-RY5FD"]}  # a well-formed key (check symbol right)
+        else:
+            schema = {"type": "string", "minLength": 1}
+        parameters.append({"name": name, "in": "path", "required": True, "schema": schema})
+    return parameters
 
 
 def _query_parameters(schemas: dict[str, Any], ref: dict[str, str]) -> list[dict[str, Any]]:

@@ -8,6 +8,8 @@ from typing import Any, Generic, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.web.types import Offset
+
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
 
@@ -20,7 +22,7 @@ class PageParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     limit: int = Field(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="items per page")
-    offset: int = Field(default=0, ge=0, description="items to skip")
+    offset: Offset = Field(default=0, description="items to skip (at most 2**31-1)")
 
 
 class Page(BaseModel, Generic[T]):

@@ -143,7 +143,7 @@ def test_m8_cli_cancel_shows_what_ends_and_needs_yes(tmp_path, db, db_engine, ca
     code, _, _ = cli(capsys, config, "billing", "join", "--workspace", str(workspace_id), "--max-devices", "10")
     assert code == 0
     code, out, _ = cli(capsys, config, "billing", "cancel")
-    assert code == 1 and "offered end dates:" in out and "pc-0, pc-1, pc-2" in out and "nothing changed" in out
+    assert code == 0 and "offered end dates:" in out and "pc-0, pc-1, pc-2" in out and "nothing changed" in out
     code, out, _ = cli(capsys, config, "billing", "cancel", "--json")
     ends_on = json.loads(out)["offered_end_dates"][1]
     code, out, _ = cli(capsys, config, "billing", "cancel", "--ends-on", ends_on, "--yes")
@@ -152,3 +152,16 @@ def test_m8_cli_cancel_shows_what_ends_and_needs_yes(tmp_path, db, db_engine, ca
     assert json.loads(out)[0]["ends_on"] == ends_on
     code, out, _ = cli(capsys, config, "billing", "reactivate", "--json")
     assert code == 0 and json.loads(out)[0]["ends_on"] is None
+
+
+def test_m2_cli_leave_takes_one_workspace_off_the_plan_after_yes(tmp_path, db, db_engine, capsys):
+    customer_id, workspace_id = seed(db)
+    config = config_file(tmp_path, db_engine, None)
+    assert cli(capsys, config, "billing", "enable")[0] == 0
+    assert cli(capsys, config, "billing", "join", "--workspace", str(workspace_id), "--max-devices", "10")[0] == 0
+    code, out, _ = cli(capsys, config, "billing", "leave", "--workspace", str(workspace_id))
+    assert code == 0 and "pc-0" in out and "nothing changed: add --yes" in out
+    code, out, _ = cli(capsys, config, "billing", "leave", "--workspace", str(workspace_id), "--yes", "--json")
+    assert code == 0 and json.loads(out)["confirmed"] is True
+    code, _, err = cli(capsys, config, "billing", "leave", "--workspace", str(workspace_id), "--yes")
+    assert code == 2 and "nothing to leave" in err

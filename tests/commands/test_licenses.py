@@ -128,6 +128,8 @@ def test_l13_l14_l15_settings_auto_renew_and_daily_job(cfg, capsys):
     assert settings["automatic_exchange"] is False
     out, _ = run_text(capsys, cfg, "licenses", "settings", "--pool-mode", "limited", "--pool-limit", "3")
     assert "company allocation: limited pool (limit 3)" in out
+    out, _ = run_text(capsys, cfg, "licenses", "settings", "--pool-mode", "none")
+    assert "company allocation: not set (each user's own setting applies)" in out
     report = run_json(capsys, cfg, "licenses", "daily")
     assert report["expired"] == 0 and report["notifications"] == 0
 

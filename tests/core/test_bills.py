@@ -30,6 +30,7 @@ from gateway.core.models import (
     BillKind,
     BillLine,
     BillStatus,
+    ConnectionState,
     Customer,
     Delivery,
     DeliveryStatus,
@@ -207,7 +208,7 @@ def test_m2_enabling_changes_no_license_or_workspace(db):
     # Workspaces join one by one, with an edition and a maximum device count.
     with transaction(db) as s:
         joined = subscriptions.join_monthly(s, admin(p), workspace_id=w.id, max_devices=25, edition_id=edition.id,
-                                            now=at(2026, 3, 12))
+                                            now=at(2026, 3, 12)).workspace
         assert (joined.monthly_billing_since, joined.max_devices, joined.edition_id) == (date(2026, 3, 12), 25, edition.id)
 
 
@@ -571,14 +572,15 @@ def test_s7_mid_cycle_price_change_puts_both_parts_on_the_bill(db):
     assert [line.amount for line in bill.lines] == [D("14.52"), D("20.65")]
     assert "(15/31 days)" in bill.lines[0].description and "(16/31 days)" in bill.lines[1].description
     assert bill.total == D("35.17")
-    # April is billed at the new price only; a change reaching into billed March is refused.
-    with transaction(db) as s, pytest.raises(Conflict, match="already billed"):
-        plans.change_price(s, admin(p), plan.id, price_per_device="5.00", effective_from=date(2026, 3, 31),
-                           now=at(2026, 4, 2))
+    # A change reaching into billed March applies from the customer's next cycle: April, at 5.00 only.
+    with transaction(db) as s:
+        change = plans.change_price(s, admin(p), plan.id, price_per_device="5.00", effective_from=date(2026, 3, 31),
+                                    now=at(2026, 4, 2))
+        assert [(c.effective_from, c.billed_through) for c in change.deferred] == [(date(2026, 4, 1), date(2026, 3, 31))]
     with transaction(db) as s:
         device(s, w, "april", days=[date(2026, 4, 2)])
     run(db, at(2026, 5, 1, 1))
-    assert bills_of(db)[1].total == D("4.00")
+    assert bills_of(db)[0].total == D("35.17") and bills_of(db)[1].total == D("5.00")
     assert_second_run_changes_nothing(db, at(2026, 5, 1, 1))
 
 
@@ -815,6 +817,8 @@ def test_g2_issuing_writes_one_delivery_per_mapped_psa_connection_in_the_same_tr
                                   customer_id=c.id, first_seen_at=T0, last_seen_at=T0))
         s.add(ExternalMapping(connection="rmm", kind=MappingKind.RMM_ORG, external_id="org", workspace_id=w.id,
                               first_seen_at=T0, last_seen_at=T0))
+        # M5: a complete pull begun after March ended (and settled) lets March be billed.
+        s.add(ConnectionState(connection="rmm", updated_at=T0, complete_pass_started_at=at(2026, 4, 1, 0, 30)))
     run(db, at(2026, 4, 1, 1))
     (bill,) = bills_of(db)
     with db() as s:

@@ -34,7 +34,8 @@ def test_m7_upgrade_from_0001_keeps_usage_rows_and_drops_their_bill_key(blank_en
     command.upgrade(config, "0001")
     at = datetime(2026, 4, 2, tzinfo=UTC)
     with blank_engine.begin() as connection:
-        connection.execute(insert(Partner.__table__).values(id=1, name="P", created_at=at))
+        # pool_mode: NOT NULL until 0005 (L15 "not set" is NULL since)
+        connection.execute(insert(Partner.__table__).values(id=1, name="P", created_at=at, pool_mode="global"))
         connection.execute(insert(Customer.__table__).values(id=1, partner_id=1, name="C", timezone="UTC",
                                                              created_at=at))
         connection.execute(insert(Bill.__table__).values(

@@ -845,3 +845,22 @@ def test_g4_two_plugins_providing_one_scheme_name_is_a_start_up_error(sqlite_eng
     gateway = webhook_gateway(sqlite_engine, clock, TokenSchemePlugin("halopsa"))
     with pytest.raises(ConfigError, match="webhook scheme 'halopsa' is provided by both plugin"):
         add_webhook_routes(web.Application(), gateway, Metrics())
+
+
+@pytest.mark.parametrize("edge", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00Z"])
+async def test_g5_a_signed_event_dated_at_the_calendars_edge_is_logged_and_ignored_not_500(client, gateway, clock,
+                                                                                           edge):
+    """An authentic event whose time overflows on conversion is answered 200 (else the sender retries it for
+    ever): the time is unreadable, logged, and the event is dated by its arrival as any unreadable time is."""
+    from structlog.testing import capture_logs
+    device_id = _seed_device(gateway, clock)
+    bill_id = _seed_bill(gateway, clock)
+    with capture_logs() as logs:
+        await _send(client, clock, "rmm", {"type": "device.online",
+                                           "data": {"device_id": "dev-1", "last_contact": edge}}, "msg_edge")
+        await _send(client, clock, "cw", {"type": "invoice.paid", "data": {"invoice_id": 4711, "paid_at": edge}}, "z")
+    assert [e["field"] for e in logs if e["event"] == "webhook.time_unreadable"] == ["data.last_contact",
+                                                                                     "data.paid_at"]
+    with gateway.db() as s:
+        assert s.get(Device, device_id).last_contact == clock.now()
+        assert s.get(Bill, bill_id).paid_at == clock.now()

@@ -374,6 +374,8 @@ async def test_s8_a_customer_admin_gets_404_for_every_id_outside_their_customers
     await check("POST", "/billing/monthly/reactivate", "/billing/monthly/reactivate", 404)
     await check("POST", "/billing/monthly/workspaces", "/billing/monthly/workspaces", 404,
                 json={"workspace_id": seed.acme_ws, "max_devices": 3})
+    await check("POST", "/billing/monthly/workspaces/{workspace_id}/leave",
+                f"/billing/monthly/workspaces/{seed.acme_ws}/leave", 404, json={"confirm": True})
     await check("GET", "/billing/history", "/billing/history", 404)
     await check("GET", "/billing/usage", "/billing/usage?period=2026-02", 404)
 
@@ -390,6 +392,8 @@ async def test_s8_a_customer_admin_gets_404_for_every_id_outside_their_customers
                                                            "description": "x", "amount": "1", "currency": "EUR"}}),
         ("POST", "/billing/monthly/workspaces", "/billing/monthly/workspaces",
          {"json": {"workspace_id": seed.acme_ws, "max_devices": 3}}),
+        ("POST", "/billing/monthly/workspaces/{workspace_id}/leave",
+         f"/billing/monthly/workspaces/{seed.acme_ws}/leave", {"json": {"confirm": True}}),
     ):
         await check(method, template, path, 404, token=seed.stranger, **kwargs)
     for template in ("/plans", "/associations", "/bills", "/adjustments"):

@@ -203,7 +203,7 @@ async def test_l12_order_history_resource(client, seed):
 
 async def test_l14_l15_settings_pool_and_user_allocation(client, seed):
     settings = await call(client, "GET", "/settings/licensing", seed.admin, status=200)
-    assert settings == {"automatic_exchange": True, "pool_mode": "global", "pool_limit": None}
+    assert settings == {"automatic_exchange": True, "pool_mode": None, "pool_limit": None}  # L15: not set
     changed = await call(client, "PATCH", "/settings/licensing", seed.admin, json={"automatic_exchange": False},
                          status=200)
     assert changed["automatic_exchange"] is False
@@ -219,6 +219,10 @@ async def test_l14_l15_settings_pool_and_user_allocation(client, seed):
                status=200)
     overridden = await call(client, "GET", f"/users/{seed.admin_id}/allocation", seed.admin, status=200)
     assert overridden["effective"]["source"] == "company" and overridden["pool_mode"] == "limited"
+    removed = await call(client, "PATCH", "/settings/licensing", seed.admin, json={"pool_mode": None}, status=200)
+    assert (removed["pool_mode"], removed["pool_limit"], removed["automatic_exchange"]) == (None, None, False)
+    restored = await call(client, "GET", f"/users/{seed.admin_id}/allocation", seed.admin, status=200)
+    assert restored["effective"]["source"] == "user"  # L15: without a company setting the user's applies
     pooled = await call(client, "POST", "/pool", seed.admin, json={"key": key}, status=200)
     assert pooled["in_pool"] is True
     unpooled = await call(client, "DELETE", f"/pool/{key}", seed.admin, status=200)

@@ -32,6 +32,7 @@ from gateway.core.billing.deliveries import write_deliveries
 from gateway.core.billing.drafts import due_date, is_overdue
 from gateway.core.billing.rules import Period
 from gateway.core.models import Adjustment, Bill, BillKind, BillStatus, Customer, Delivery, DeliveryStatus
+from gateway.core.text import check_text
 from gateway.errors import Conflict, DomainError, NotFound
 
 log = structlog.get_logger(__name__)
@@ -236,6 +237,7 @@ def add_adjustment(
     description = (description or "").strip()
     if not description:
         raise DomainError("describe the adjustment; the description is printed on the bill", field="description")
+    check_text(description, field="description", what="the description", multiline=True)
     adjustment = Adjustment(customer_id=customer.id, kind=kind, description=description[:500], amount=value,
                             currency=currency, created_at=now)
     session.add(adjustment)
@@ -246,6 +248,7 @@ def add_adjustment(
 def credit_bill(session: Session, principal: Principal, bill_id: int, *, amount: Any, reason: str, now: datetime) -> Adjustment:
     """A correction of an issued or paid bill: a credit line on the customer's next bill, never an edit."""
     require_admin(principal, "bill")
+    check_text(reason or "", field="reason", what="the reason", multiline=True)
     bill = get_bill(session, principal, bill_id)
     if bill.status in (BillStatus.DRAFT, BillStatus.VOID):
         raise Conflict(f"bill {bill.number} is {bill.status.value}; only an issued or paid bill can be credited", field="status")

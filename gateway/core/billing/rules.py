@@ -20,6 +20,7 @@ Decisions the rules leave open (each is also stated where it is made):
 from __future__ import annotations
 
 import calendar
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -171,13 +172,22 @@ def month_of(day: date) -> Period:
     return month_period(day.year, day.month)
 
 
+#: The months a billing period may name. Bills, due dates and yearly cycles are computed from the month on,
+#: so a month near the end of the calendar (``9999-12``) would run past the last date there is.
+FIRST_MONTH, LAST_MONTH = "2000-01", "2999-12"
+_MONTH = re.compile(r"([0-9]{4})-([0-9]{1,2})")
+
+
 def parse_month(text: str) -> Period:
-    """``YYYY-MM`` as a month period; anything else is a DomainError showing the format."""
-    try:
-        year, month = (int(part) for part in text.strip().split("-"))
-        return month_period(year, month)
-    except (ValueError, TypeError):
-        raise DomainError(f"period {text!r} is not a month; write it as YYYY-MM, e.g. 2026-03", field="period") from None
+    """``YYYY-MM`` (ASCII digits) as a month period from FIRST_MONTH to LAST_MONTH; else a DomainError saying so."""
+    found = _MONTH.fullmatch(text.strip()) if isinstance(text, str) else None
+    if found is None or not 1 <= int(found[2]) <= 12:
+        raise DomainError(f"period {text!r} is not a month; write it as YYYY-MM, e.g. 2026-03", field="period")
+    year, month = int(found[1]), int(found[2])
+    if not FIRST_MONTH <= f"{year:04d}-{month:02d}" <= LAST_MONTH:
+        raise DomainError(f"period {text!r} is out of range: a billing period is a month from {FIRST_MONTH} "
+                          f"to {LAST_MONTH}", field="period")
+    return month_period(year, month)
 
 
 def cycle_number(anchor: date, cycle: BillingCycle, index: int) -> Period:

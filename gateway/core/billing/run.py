@@ -33,7 +33,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import NamedTuple, cast
 
@@ -44,15 +44,21 @@ from sqlalchemy.orm import Session
 from gateway.adapters import BillLineDoc
 from gateway.core import store
 from gateway.core.billing import rules
+from gateway.core.billing.corrections import correct_late_activity, late_partners
 from gateway.core.billing.drafts import BillDraft, DraftLine, PricePoint, device_lines, due_date
-from gateway.core.billing.plans import SINCE_ALWAYS, plan_prices
+from gateway.core.billing.numbering import lock_partners
+from gateway.core.billing.plans import SINCE_ALWAYS, PriceBook, price_book
 from gateway.core.billing.reports import queue_reports
 from gateway.core.billing.rules import Period
 from gateway.core.billing.run_store import RUN_DEVICES, activity, existing_keys, store_drafts
+from gateway.core.directory import apply_due_timezones
 from gateway.core.models import (
     Adjustment,
     BillKind,
+    ConnectionState,
     Customer,
+    ExternalMapping,
+    MappingKind,
     MonthlySubscription,
     PlanAssociation,
     ServicePlan,
@@ -79,8 +85,34 @@ class BillingRun:
     drafts: list[BillDraft] = field(default_factory=list)
     bill_ids: list[int] = field(default_factory=list)
     already_billed: int = 0
+    #: M5: due cycles left for a later run because a pull of the customer's RMM connections has not settled.
+    waiting: list[Waiting] = field(default_factory=list)
+    #: M5: late check-ins of cycles billed before they arrived, now pending corrections (on this run's bills).
+    corrections: int = 0
     #: (partner id, month) pairs that got monthly bills: each gets a billing report (M6).
     reports: list[tuple[int, Period]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """M5: a due cycle not billed yet: these connections have not completed a pull begun after ``settles_at``."""
+
+    customer_id: int
+    kind: BillKind
+    source_id: int
+    period: Period
+    settles_at: datetime
+    connections: tuple[str, ...]
+
+    @property
+    def reason(self) -> str:
+        return (f"waiting for a complete pull of {', '.join(self.connections)} begun after "
+                f"{self.settles_at.isoformat()} (the cycle's end plus [billing] settling_minutes)")
+
+    def as_dict(self) -> dict[str, object]:
+        return {"customer_id": self.customer_id, "kind": self.kind.value, "source_id": self.source_id,
+                "period": self.period.label(), "settles_at": self.settles_at.isoformat(),
+                "connections": list(self.connections), "reason": self.reason}
 
 
 @dataclass(slots=True)
@@ -117,8 +149,12 @@ def run_billing(
     drafts (extra lines included) and stores nothing, numbers included.
     """
     with _collector_paused():
-        return _run(session, now=now, billing=billing, extra_lines=extra_lines, period=period, dry_run=dry_run,
-                    issue=issue, partner_id=partner_id)
+        run = _run(session, now=now, billing=billing, extra_lines=extra_lines, period=period, dry_run=dry_run,
+                   issue=issue, partner_id=partner_id)
+    if not dry_run and period is None:
+        # S4: a time-zone change takes effect once the last cycle in the old zone is billed (directory.py).
+        apply_due_timezones(session, now, waiting={w.customer_id for w in run.waiting}, partner_id=partner_id)
+    return run
 
 
 @contextmanager
@@ -157,6 +193,11 @@ def _run(
         session, customers, now, period, partner_id
     )
     tasks, run.already_billed = _drop_existing(session, tasks)
+    tasks, run.waiting = _drop_unsettled(session, tasks, customers, billing)
+    if not dry_run:
+        # The partners are locked before the activity is read (corrections.py says why).
+        lock_partners(session, {t.partner_id for t in tasks} | late_partners(session, partner_id))
+        run.corrections = len(correct_late_activity(session, now=now, partner_id=partner_id))
     if tasks:
         # One left behind by a failed run whose caller still committed would be in the way.
         RUN_DEVICES.drop(session.connection(), checkfirst=True)
@@ -174,7 +215,8 @@ def _run(
         queue_reports(session, run.reports, now)
     if tasks:
         RUN_DEVICES.drop(session.connection())
-    log.info("billing.run", bills=len(drafts), already_billed=run.already_billed, dry_run=dry_run,
+    log.info("billing.run", bills=len(drafts), already_billed=run.already_billed, waiting=len(run.waiting),
+             corrections=run.corrections, dry_run=dry_run,
              period=period.label() if period else "due")
     return run
 
@@ -240,7 +282,7 @@ def _plan_tasks(
     if partner_id is not None:
         stmt = stmt.where(ServicePlan.partner_id == partner_id)
     tasks = []
-    prices: dict[int, list[PricePoint]] = {}
+    prices: dict[int, PriceBook] = {}
     for association, plan_name, currency, plan_partner in session.execute(stmt):
         customer = customers.get(association.customer_id)
         if customer is None or customer.partner_id != plan_partner:
@@ -252,10 +294,10 @@ def _plan_tasks(
             if not rules.is_over(cycle, today):
                 continue
             if association.plan_id not in prices:
-                prices[association.plan_id] = plan_prices(session, association.plan_id)
+                prices[association.plan_id] = price_book(session, association.plan_id)
             tasks.append(_Task(plan_partner, customer.id, BillKind.PLAN, association.id, cycle, currency,
                                f"Service plan {plan_name}", association.due_days, association.email,
-                               prices[association.plan_id]))
+                               prices[association.plan_id].for_association(association.id)))
     return tasks
 
 
@@ -263,6 +305,55 @@ def _drop_existing(session: Session, tasks: list[_Task]) -> tuple[list[_Task], i
     existing = existing_keys(session, [(t.customer_id, t.kind, t.source_id, t.period.start) for t in tasks])
     kept = [t for t in tasks if (t.customer_id, t.kind, t.source_id, t.period.start) not in existing]
     return kept, len(tasks) - len(kept)
+
+
+def _drop_unsettled(
+    session: Session, tasks: list[_Task], customers: dict[int, _CustomerRow], billing: BillingSettings
+) -> tuple[list[_Task], list[Waiting]]:
+    """M5: keep the cycles whose check-ins are all in; the others wait for a later run.
+
+    Seed 000: the payment is processed "after the first full month is completed and
+    the number of active devices can be determined". They can be once every RMM
+    connection mapped to one of the customer's workspaces has completed a pull
+    (from its first page to its last) that began after the cycle ended in the
+    customer's time zone plus ``settling_minutes``: a check-in just before local
+    midnight is in the RMM by then, and such a pull has stored it. A connection
+    never pulled, or whose pulls keep failing, keeps its customers waiting, and the
+    run says which (``BillingRun.waiting``); unmapping the organisation releases them.
+    """
+    if not tasks:
+        return tasks, []
+    wanted = {t.customer_id for t in tasks}
+    stmt = (
+        select(Workspace.customer_id, ExternalMapping.connection, ConnectionState.complete_pass_started_at)
+        .select_from(ExternalMapping)
+        .join(Workspace, Workspace.id == ExternalMapping.workspace_id)
+        .outerjoin(ConnectionState, ConnectionState.connection == ExternalMapping.connection)
+        .where(ExternalMapping.kind == MappingKind.RMM_ORG)
+        .distinct()
+    )
+    if len(wanted) <= store.IN_LIMIT:
+        stmt = stmt.where(Workspace.customer_id.in_(wanted))
+    pulls: dict[int, dict[str, datetime | None]] = defaultdict(dict)
+    for customer_id, connection, started in session.execute(stmt):  # typed rows: aware datetimes
+        if customer_id in wanted:
+            pulls[customer_id][connection] = started
+    if not pulls:
+        return tasks, []
+    settling = timedelta(minutes=billing.settling_minutes)
+    kept, waiting = [], []
+    for task in tasks:
+        connections = pulls.get(task.customer_id)
+        if connections:
+            settles_at = task.period.end_at(customers[task.customer_id].timezone) + settling
+            pending = tuple(sorted(c for c, started in connections.items() if started is None or started < settles_at))
+            if pending:
+                waiting.append(Waiting(task.customer_id, task.kind, task.source_id, task.period, settles_at, pending))
+                continue
+        kept.append(task)
+    if waiting:
+        log.info("billing.waiting_for_pulls", cycles=len(waiting))
+    return kept, waiting
 
 
 def _build_drafts(

@@ -31,13 +31,15 @@ from gateway.core.billing import rules
 from gateway.core.billing.drafts import BillDraft, due_date
 from gateway.core.billing.rules import Period
 from gateway.core.billing.run import ExtraLines, apply_extra_lines, run_billing
-from gateway.core.billing.run_store import store_drafts
+from gateway.core.billing.run_store import existing_keys, store_drafts
+from gateway.core.licensing import assignment
 from gateway.core.models import (
     Bill,
     BillKind,
     Customer,
     Device,
     Edition,
+    License,
     MonthlySubscription,
     Order,
     OrderKind,
@@ -45,6 +47,7 @@ from gateway.core.models import (
     Workspace,
 )
 from gateway.core.settings import BillingSettings
+from gateway.core.text import check_zone
 from gateway.errors import Conflict, DomainError, NotFound
 
 log = structlog.get_logger(__name__)
@@ -91,7 +94,7 @@ def enable_monthly(
     is issued at once; the first recurring charge follows the first full month (M4).
     """
     require_admin(principal, "monthly subscription")
-    rules.zone(tz)
+    check_zone(tz, field="timezone")
     partner = session.get(Partner, principal.partner_id, with_for_update=True)
     if partner is None:
         raise NotFound(f"no partner with id {principal.partner_id}")
@@ -162,6 +165,24 @@ def _bill_before_enabling_anew(
     run_billing(session, now=now, billing=settings, extra_lines=extra_lines, period=window, partner_id=sub.partner_id)
 
 
+@dataclass
+class ReleasedLicense:
+    """M2: the license a joining workspace gave up; its period keeps running."""
+
+    key: str
+    expires_at: datetime | None
+    #: Its unused period may serve a different workspace (the key was never exposed to end users).
+    recyclable: bool
+
+
+@dataclass
+class JoinedWorkspace:
+    """M2: a workspace on monthly billing, and the license joining released (None: it had none)."""
+
+    workspace: Workspace
+    released: ReleasedLicense | None = None
+
+
 def join_monthly(
     session: Session,
     principal: Principal,
@@ -170,8 +191,19 @@ def join_monthly(
     max_devices: int,
     now: datetime,
     edition_id: int | None = None,
-) -> Workspace:
-    """M2: a workspace joins monthly billing with an edition and a maximum device count, from today on."""
+    key_exposed: bool = False,
+) -> JoinedWorkspace:
+    """M2: a workspace joins monthly billing with an edition and a maximum device count, from today on.
+
+    Decision (seed 000: joining is done "at 'License' ... change the license"): joining
+    replaces the workspace's license, which is released in the same transaction and never
+    auto-renewed or exchanged on the workspace's behalf again. Its period keeps running and
+    can be recycled with a different workspace unless its key was exposed to end users
+    (``key_exposed``, or known to the gateway: see
+    :func:`~gateway.core.licensing.assignment.release`). A workspace that left the plan
+    joins again only once the month it left in is billed (its single window would hide
+    that month's days from the run).
+    """
     require_admin(principal, "workspace")
     sub = get_subscription(session, principal)
     if not subscription_active(sub, now) or sub.ends_on is not None:
@@ -183,16 +215,100 @@ def join_monthly(
         raise NotFound(f"no edition with id {edition_id}", field="edition_id")
     customer = session.get_one(Customer, workspace.customer_id)
     today = rules.local_day(now, customer.timezone)
-    if workspace.monthly_billing_since is not None and (
-        workspace.monthly_billing_until is None or workspace.monthly_billing_until >= today
-    ):
+    if workspace.monthly_billing_since is not None and workspace.monthly_billing_until is None:
         raise Conflict(f"workspace {workspace.name!r} is already on monthly billing since {workspace.monthly_billing_since}")
+    if workspace.monthly_billing_until is not None:
+        _check_rejoin(session, sub, workspace, customer, today)
+    held = session.scalar(select(License).where(License.workspace_id == workspace.id))
+    released = None
+    if held is not None:
+        recyclable = assignment.release(session, held, now, principal.name, exposed=key_exposed,
+                                        reason=f"workspace {workspace.id} joined monthly billing (M2)")
+        released = ReleasedLicense(held.key, held.expires_at, recyclable)
     workspace.monthly_billing_since = today
     workspace.monthly_billing_until = None
     workspace.max_devices = max_devices
     if edition_id is not None:
         workspace.edition_id = edition_id
-    return workspace
+    log.info("billing.workspace_joined", workspace=workspace.id, released=held.key if held else None)
+    return JoinedWorkspace(workspace, released)
+
+
+def _check_rejoin(
+    session: Session, sub: MonthlySubscription, workspace: Workspace, customer: Customer, today: date
+) -> None:
+    """M2/M5: refuse joining again while the days of the workspace's last stay are not billed.
+
+    A workspace keeps one stay on the plan (since..until); joining again starts a new
+    one, so the month the last stay ended in must have been billed first.
+    """
+    until = workspace.monthly_billing_until
+    assert until is not None
+    if until >= today:
+        raise Conflict(
+            f"workspace {workspace.name!r} is on monthly billing until {until}; "
+            f"it can join again from {until + timedelta(days=1)}"
+        )
+    month = rules.month_of(until)
+    if not rules.is_over(month, today):
+        raise Conflict(
+            f"workspace {workspace.name!r} left monthly billing on {until}; it can join again once "
+            f"{month.label()} is billed, from {month.end + timedelta(days=1)} (customer-local)"
+        )
+    enabled_on = rules.local_day(sub.enabled_at, sub.timezone)
+    due = rules.monthly_months_due(enabled_on, month, today, ends_on=sub.ends_on)
+    if due and not existing_keys(session, [(customer.id, BillKind.MONTHLY, sub.id, month.start)]):
+        raise Conflict(
+            f"workspace {workspace.name!r} left monthly billing on {until} and {month.label()} is not billed yet; "
+            "run the billing ('gateway bill') and join again"
+        )
+
+
+@dataclass
+class LeavingWorkspace:
+    """M2/M8: a workspace leaving monthly billing: its last day on the plan and the devices it leaves."""
+
+    workspace_id: int
+    workspace: str
+    last_day: date
+    devices: list[str]
+    confirmed: bool = False
+
+
+def leave_monthly(
+    session: Session, principal: Principal, *, workspace_id: int, now: datetime, confirm: bool = False
+) -> LeavingWorkspace:
+    """M2: one workspace leaves the plan; today (customer-local) is its last day on it, billed as one.
+
+    Like cancelling (M8), this ends the workspace's monthly license: without ``confirm``
+    nothing changes and the answer lists the devices left unprotected until a regular
+    license is assigned (which alone also takes a workspace off the plan).
+    """
+    require_admin(principal, "workspace")
+    get_subscription(session, principal)
+    workspace = get_workspace(session, principal, workspace_id)
+    today = rules.local_day(now, session.get_one(Customer, workspace.customer_id).timezone)
+    if not assignment.on_monthly_billing(workspace, today):
+        raise Conflict(f"workspace {workspace.name!r} is not on monthly billing; there is nothing to leave",
+                       field="workspace_id")
+    if workspace.monthly_billing_until is not None and workspace.monthly_billing_until <= today:
+        raise Conflict(f"workspace {workspace.name!r} is not on monthly billing after today, its last day on it; "
+                       "there is nothing to leave", field="workspace_id")
+    devices = [
+        hostname or external_id
+        for hostname, external_id in session.execute(
+            select(Device.hostname, Device.external_id)
+            .where(Device.workspace_id == workspace.id, Device.deleted.is_(False))
+            .order_by(Device.hostname, Device.external_id)
+        )
+    ]
+    leaving = LeavingWorkspace(workspace.id, workspace.name, today, devices)
+    if not confirm:
+        return leaving
+    workspace.monthly_billing_until = today
+    leaving.confirmed = True
+    log.info("billing.workspace_left", workspace=workspace.id, last_day=today.isoformat(), devices=len(devices))
+    return leaving
 
 
 @dataclass
@@ -266,7 +382,8 @@ def cancel_monthly(
     sub.cancelled_at = now
     for affected in plan.workspaces:
         workspace = session.get_one(Workspace, affected.workspace_id)
-        workspace.monthly_billing_until = ends_on
+        if workspace.monthly_billing_until is None or workspace.monthly_billing_until > ends_on:
+            workspace.monthly_billing_until = ends_on  # a workspace that already left keeps its last day
     plan.confirmed = True
     log.info("billing.monthly_cancelled", partner=principal.partner_id, ends_on=ends_on.isoformat(),
              workspaces=len(plan.workspaces), devices=plan.device_count)

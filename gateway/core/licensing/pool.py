@@ -8,7 +8,9 @@ Decisions the rules leave open:
 
 - **Automatic exchange** (L14): the replacement is an unused, unexpired pool key of the
   same edition with at least as many seats (fewest seats first, then the soonest
-  activation deadline). It is assigned to the workspace and activated; the old license
+  activation deadline). A key that carries a note is kept for a purpose, as L8 says of
+  coupons, so it is taken only when no key without a note fits; its ``exchanged_in``
+  history then says so (``noted_key_used``). It is assigned to the workspace and activated; the old license
   stays expired, unassigned, and points at its replacement. The daily job
   (:mod:`~gateway.core.licensing.daily`) tries it on expiry; :func:`exchange` does it by hand.
 - **Bulk delete** (L16) voids licenses rather than removing rows, so that their history
@@ -21,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from gateway.core.access import Principal, get_partner, get_user, require_admin
@@ -60,11 +62,8 @@ def set_pool(
     return lic
 
 
-def find_pool_replacement(
-    session: Session, config: LicensingSettings, expired: License, now: datetime
-) -> License | None:
-    """L14: an available pool key of the same edition with enough seats (fewest seats, soonest deadline first)."""
-    stmt = (
+def _pool_candidates(expired: License, now: datetime) -> Select[License]:
+    return (
         select(License)
         .where(
             License.partner_id == expired.partner_id,
@@ -79,7 +78,30 @@ def find_pool_replacement(
             License.purchased_at >= live_purchase_bound(now),
         )
     )
-    return first_usable(session, config, stmt, now, order=lambda c: (c.seats, *soonest_deadline(c)))
+
+
+def _has_note(lic: License) -> bool:
+    return bool(lic.notes.strip())
+
+
+def _replacement_order(candidate: License) -> tuple[Any, ...]:
+    """L14 (with L8's reading of notes): keys without a note first, then fewest seats, then soonest deadline."""
+    return (_has_note(candidate), candidate.seats, *soonest_deadline(candidate))
+
+
+def find_pool_replacement(
+    session: Session, config: LicensingSettings, expired: License, now: datetime
+) -> License | None:
+    """L14: an available pool key of the same edition with enough seats; noted keys only when no other fits."""
+    return first_usable(session, config, _pool_candidates(expired, now), now, order=_replacement_order)
+
+
+def pool_replacement_available(session: Session, config: LicensingSettings, lic: License, at: datetime) -> bool:
+    """L14 looking ahead: would a pool key still be usable at ``at`` to replace ``lic``? (No row is locked.)"""
+    return any(
+        license_status(candidate, at, config) == LicenseStatus.UNUSED
+        for candidate in session.scalars(_pool_candidates(lic, at))
+    )
 
 
 def apply_exchange(session: Session, lic: License, replacement: License, now: datetime, actor: str) -> None:
@@ -94,7 +116,8 @@ def apply_exchange(session: Session, lic: License, replacement: License, now: da
     replacement.pool_user_id = lic.pool_user_id
     flush(session)
     record(session, lic, "exchanged_out", actor, now, before_old, replaced_by=replacement.key)
-    record(session, replacement, "exchanged_in", actor, now, before_new, replaces=lic.key)
+    noted = {"noted_key_used": "no pool key without a note fits"} if _has_note(replacement) else {}
+    record(session, replacement, "exchanged_in", actor, now, before_new, replaces=lic.key, **noted)
     flush(session)
     log.info("license.exchanged", expired=lic.key, replacement=replacement.key, workspace=workspace.id)
 
@@ -136,20 +159,30 @@ def set_company_settings(
     automatic_exchange: bool | None = None,
     pool_mode: PoolMode | None = None,
     pool_limit: int | None = None,
+    unset_pool_mode: bool = False,
 ) -> Partner:
-    """L14 automatic exchange on/off; L15 the company's allocation (applies to all its users)."""
+    """L14 automatic exchange on/off; L15 the company's allocation (applies to all its users).
+
+    ``pool_mode`` None leaves the allocation as it is; ``unset_pool_mode`` removes the
+    company's own setting, so that each user's own applies again.
+    """
     require_admin(principal, "settings")
     partner = get_partner(session, principal)
     if automatic_exchange is not None:
         partner.automatic_exchange = automatic_exchange
-    if pool_mode is not None:
+    if unset_pool_mode:
+        if pool_mode is not None or pool_limit is not None:
+            raise DomainError("removing the company's allocation takes no pool_mode or pool_limit", field="pool_mode")
+        partner.pool_mode, partner.pool_limit = None, None
+    elif pool_mode is not None:
         _check_pool(pool_mode, pool_limit)
         partner.pool_mode, partner.pool_limit = pool_mode, pool_limit
     elif pool_limit is not None:
         raise DomainError("give pool_mode with pool_limit", field="pool_mode")
     session.flush()
     log.info("licensing.company_settings", partner=partner.id, automatic_exchange=partner.automatic_exchange,
-             pool_mode=partner.pool_mode.value, pool_limit=partner.pool_limit, actor=principal.name)
+             pool_mode=partner.pool_mode.value if partner.pool_mode else None, pool_limit=partner.pool_limit,
+             actor=principal.name)
     return partner
 
 
@@ -158,7 +191,7 @@ def company_settings(session: Session, principal: Principal) -> dict[str, Any]:
     partner = get_partner(session, principal)
     return {
         "automatic_exchange": partner.automatic_exchange,
-        "pool_mode": partner.pool_mode.value,
+        "pool_mode": partner.pool_mode.value if partner.pool_mode else None,
         "pool_limit": partner.pool_limit,
     }
 

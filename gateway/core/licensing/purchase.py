@@ -31,11 +31,13 @@ from gateway.core.licensing.rules import (
     combine_discounts,
     discounted,
     list_price,
+    price_currency,
     tier_discount,
     unit_price,
 )
 from gateway.core.models import Edition, License, Order, OrderKind, OrderLicense, Partner
 from gateway.core.settings import LicensingSettings
+from gateway.errors import DomainError
 
 log = structlog.get_logger(__name__)
 
@@ -139,11 +141,11 @@ def buy(
     check_notes(notes)
     now = clock.now()
     partner = get_partner(session, principal)
-    ed = get_edition(session, edition)
+    ed = for_sale(get_edition(session, edition))
     list_total = list_price(unit_price(config, ed), seats, term_months, 1)
     order = place_order(
         session, partner, OrderKind.NEW, now, principal.name, quantity=1, term_months=term_months,
-        currency=config.currency, list_total=list_total, discount=Decimal(partner.discount_percent),
+        currency=price_currency(config, ed), list_total=list_total, discount=Decimal(partner.discount_percent),
     )
     licenses = _issue(
         session, partner, ed, order, now, principal.name, count=1, seats=seats, term_months=term_months,
@@ -151,6 +153,15 @@ def buy(
     )
     log.info("license.bought", key=licenses[0].key, edition=ed.code, seats=seats, order=order.id)
     return Purchase(order, licenses)
+
+
+def for_sale(edition: Edition) -> Edition:
+    """An archived edition is sold no more (its licenses keep working and renew)."""
+    if not edition.active:
+        raise DomainError(f"edition {edition.code!r} is archived and no longer sold; "
+                          f"reactivate it with 'gateway editions update {edition.code} --active'",
+                          field="edition", code="edition_archived")
+    return edition
 
 
 def buy_bulk(
@@ -171,12 +182,12 @@ def buy_bulk(
     check_range(term_months, 1, MAX_TERM_MONTHS, "term_months", "term_months")
     now = clock.now()
     partner = get_partner(session, principal)
-    ed = get_edition(session, edition)
+    ed = for_sale(get_edition(session, edition))
     list_total = list_price(unit_price(config, ed), devices_per_customer, term_months, customers)
     discount = combine_discounts(Decimal(partner.discount_percent), tier_discount(config, customers))
     order = place_order(
         session, partner, OrderKind.BULK, now, principal.name, quantity=customers, term_months=term_months,
-        currency=config.currency, list_total=list_total, discount=discount,
+        currency=price_currency(config, ed), list_total=list_total, discount=discount,
     )
     licenses = _issue(
         session, partner, ed, order, now, principal.name, count=customers, seats=devices_per_customer,

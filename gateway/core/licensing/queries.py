@@ -35,6 +35,7 @@ from gateway.core.licensing.rules import (
 )
 from gateway.core.models import Customer, Edition, License, Workspace
 from gateway.core.settings import LicensingSettings
+from gateway.core.text import check_search
 from gateway.errors import DomainError, NotFound
 
 
@@ -139,7 +140,11 @@ def get_edition(session: Session, code: str, *, field: str = "edition") -> Editi
 
 
 def like_pattern(query: str) -> str:
-    """L11: ``*`` and ``?`` are wildcards; without one the text matches anywhere. ``%``/``_`` are literal."""
+    """L11: ``*`` and ``?`` are wildcards; without one the text matches anywhere. ``%``/``_`` are literal.
+
+    A control character (a NUL, which PostgreSQL cannot take) is a DomainError on ``q``.
+    """
+    check_search(query, field="q")
     escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     pattern = escaped.replace("*", "%").replace("?", "_")
     return pattern if ("*" in query or "?" in query) else f"%{pattern}%"

@@ -36,6 +36,7 @@ from gateway.core.licensing.rules import (
     check_range,
     license_status,
     list_price,
+    price_currency,
     unit_price,
 )
 from gateway.core.models import Edition, License, Order, OrderKind, OrderLicense, Partner, User, Workspace
@@ -133,7 +134,7 @@ def priced_renewal(
     before = snapshot(session, lic)
     order = place_order(
         session, partner, OrderKind.RENEWAL, now, actor, quantity=1, term_months=months,
-        currency=config.currency, list_total=list_total, discount=Decimal(partner.discount_percent),
+        currency=price_currency(config, target), list_total=list_total, discount=Decimal(partner.discount_percent),
     )
     if target.id != lic.edition_id:
         _migrate(session, lic, target)

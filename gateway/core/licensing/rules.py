@@ -12,7 +12,8 @@ Decisions the rules leave open:
 - **Activation window** (L3): the deadline is the purchase instant plus 12 calendar
   months (31 Jan -> 31 Jan next year; 29 Feb -> 28 Feb). Activation is allowed up to,
   not at, that instant.
-- **Prices**: ``licensing.prices`` is the price of one seat for one year; a purchase costs
+- **Prices**: the edition's stored price (else ``licensing.prices.<code>``) is the price of one seat for
+  one year, in the edition's currency (else ``licensing.currency``); a purchase costs
   ``price x seats x term_months / 12`` per key, rounded to cents (renewals:
   :mod:`~gateway.core.licensing.renewal`).
 - **Discounts** (L6): the partner's discount and the bulk tier discount compound
@@ -29,6 +30,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 from gateway.core.models import Edition, License
 from gateway.core.settings import LicensingSettings
+from gateway.core.text import check_text
 from gateway.errors import DomainError
 
 ACTIVATION_WINDOW_MONTHS = 12
@@ -88,8 +90,17 @@ def license_status(lic: License, now: datetime, config: LicensingSettings) -> Li
 
 
 def next_renewal_date(lic: License, now: datetime, config: LicensingSettings) -> datetime | None:
-    """L13: when auto-renewal will renew an active license (None when cancelled or not active)."""
-    if lic.auto_renew and license_status(lic, now, config) in (LicenseStatus.ACTIVE, LicenseStatus.EXPIRING):
+    """L13: when auto-renewal will renew an active license (None when cancelled, not active or unassigned).
+
+    The daily job renews only licenses that serve a workspace: auto-renewal keeps
+    protection going, and a key that protects nothing (e.g. exchanged out, L14, then
+    renewed by hand) would be charged for nothing; it expires, and L16 deletes it.
+    """
+    if (
+        lic.auto_renew
+        and lic.workspace_id is not None
+        and license_status(lic, now, config) in (LicenseStatus.ACTIVE, LicenseStatus.EXPIRING)
+    ):
         return lic.expires_at
     return None
 
@@ -98,15 +109,32 @@ def next_renewal_date(lic: License, now: datetime, config: LicensingSettings) ->
 
 
 def unit_price(config: LicensingSettings, edition: Edition) -> Decimal:
-    """The configured price of one seat of ``edition`` for one year, or a DomainError saying how to set it."""
+    """The price of one seat of ``edition`` for one year, or a DomainError saying how to set it.
+
+    The price stored with the edition (``gateway editions update CODE --price``) wins; ``[licensing]
+    prices.<code>`` of the configuration prices only an edition with no stored price (how every install
+    priced editions before they had one), so a price set by an admin is never undone by a file.
+    """
+    stored = getattr(edition, "price_per_seat_year", None)
+    if stored is not None:
+        return Decimal(stored)
     price = config.prices.get(edition.code)
     if price is None:
         raise DomainError(
-            f"no price configured for edition {edition.code!r}; set licensing.prices.{edition.code} in the config file",
+            f"no price for edition {edition.code!r}; set one with "
+            f"'gateway editions update {edition.code} --price AMOUNT' (or licensing.prices.{edition.code} "
+            "in the config file)",
             field="edition",
             code="no_price",
         )
     return Decimal(price)
+
+
+def price_currency(config: LicensingSettings, edition: Edition) -> str:
+    """The currency of :func:`unit_price`: the edition's own with a stored price, else ``[licensing] currency``."""
+    if getattr(edition, "price_per_seat_year", None) is not None and getattr(edition, "currency", None):
+        return str(edition.currency)
+    return config.currency
 
 
 def tier_discount(config: LicensingSettings, quantity: int) -> Decimal:
@@ -146,3 +174,4 @@ def check_notes(notes: str) -> None:
     """A DomainError when ``notes`` is longer than MAX_NOTES."""
     if len(notes) > MAX_NOTES:
         raise DomainError(f"notes may hold at most {MAX_NOTES} characters, got {len(notes)}", field="notes")
+    check_text(notes, field="notes", what="the notes", multiline=True)

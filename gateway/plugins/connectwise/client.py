@@ -17,7 +17,14 @@ log = structlog.get_logger(__name__)
 
 #: ConnectWise publishes no fixed request limit; cloud instances throttle bursts with 429.
 #: Two requests a second, four at a time, keeps one integration well clear of that.
-DEFAULT_RATE_LIMIT = RateLimit(requests=120, per_seconds=60.0, max_concurrent=4)
+#: ConnectWise Cloud sits behind Cloudflare, whose rate-limiting rules answer 429 with an
+#: HTML page and no Retry-After; their counting periods run from 10 s to a few minutes and
+#: a block ("mitigation timeout") lasts a minute or more. Decision: such a 429 pauses the
+#: connection for 60 s, then 120 s, then 240 s (window_seconds doubles while 429s follow
+#: each other, capped at four windows), so five retries span more than ten minutes instead
+#: of the ~15 s that the jittered back-off would burn; after a pause the connection sends
+#: at the rate the window let through.
+DEFAULT_RATE_LIMIT = RateLimit(requests=120, per_seconds=60.0, max_concurrent=4, window_seconds=60.0)
 
 REQUIRED_CREDENTIALS = ("company", "public_key", "private_key", "client_id")
 
@@ -62,13 +69,20 @@ class ConnectWiseAdapter:
         url = request.url if request.url.startswith("http") else f"{await self._api_base()}/{request.url}"
         return await self.connector.request(request.method, url, params=request.params, json=request.json)
 
-    async def _all(self, request: p.Request, what: str) -> list[dict[str, Any]]:
-        """Every row of a list, following ``Link: rel="next"`` page by page."""
+    async def _all(self, request: p.ListRequest, what: str) -> list[dict[str, Any]]:
+        """Every row of a list that matches its filter, page by page while ``Link`` has a ``rel="next"``.
+
+        The next page is asked for with this request's own query (the link gives its number only),
+        and every row is checked against the filter asked for: a tool whose next link drops
+        ``conditions`` cannot slip other rows in.
+        """
+        number = 1
         response = await self._send(request)
-        rows = list(p.parse_list(response.json(), what))
-        while (next_url := p.next_page_url(response.headers)) is not None:
-            response = await self.connector.request("GET", next_url)
-            rows.extend(p.parse_list(response.json(), what))
+        rows = request.wanted(p.parse_list(response.json(), what))
+        while (following := p.next_page_number(response.headers, number)) is not None:
+            number = following
+            response = await self._send(request.page(number))
+            rows.extend(request.wanted(p.parse_list(response.json(), what)))
         return rows
 
     # -- PsaAdapter ----------------------------------------------------------------------
@@ -142,7 +156,9 @@ class ConnectWiseAdapter:
         """``created`` is True when this push changed the addition, False when it already held the bill."""
         agreements = await self._all(p.agreements_request(bill, self.config), "agreement")
         agreement_id = int(p.pick_agreement(agreements, bill, self.config)["id"])
-        addition = p.pick_addition(await self._all(p.additions_request(agreement_id, self.config), "addition"))
+        addition = p.pick_addition(
+            await self._all(p.additions_request(agreement_id, self.config), "addition"), self.config
+        )
         if addition is not None:
             if p.bill_additions([addition], bill):
                 return PushResult(external_id=str(addition["id"]), created=False)

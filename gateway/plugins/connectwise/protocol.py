@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from gateway.adapters import BillDocument, PsaCompany, PsaRecord
 from gateway.errors import PermanentError
@@ -115,11 +115,44 @@ def quoted(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def list_request(path: str, *, conditions: str | None = None, page_size: int = MAX_PAGE_SIZE) -> Request:
+Row = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ListRequest(Request):
+    """A list request and the same filter as a predicate: every row that comes back is checked
+    against it, because a page reached through a ``Link`` may not carry the ``conditions``."""
+
+    keep: Callable[[Row], bool] | None = None
+
+    def page(self, number: int) -> ListRequest:
+        """The same request for page ``number`` (1-based), conditions and all."""
+        params = {**(self.params or {}), "page": number}
+        return ListRequest(self.method, self.url, params=params, json=self.json, keep=self.keep)
+
+    def wanted(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        return list(rows) if self.keep is None else [row for row in rows if self.keep(row)]
+
+
+def list_request(
+    path: str,
+    *,
+    conditions: str | None = None,
+    page_size: int = MAX_PAGE_SIZE,
+    keep: Callable[[Row], bool] | None = None,
+) -> ListRequest:
     params: dict[str, Any] = {"page": 1, "pageSize": min(page_size, MAX_PAGE_SIZE)}
     if conditions:
         params["conditions"] = conditions
-    return Request("GET", path, params=params)
+    return ListRequest("GET", path, params=params, keep=keep)
+
+
+def field(row: Row, path: str) -> Any:
+    """``row["company"]["id"]`` for ``"company/id"`` (None where a part is missing)."""
+    value: Any = row
+    for part in path.split("/"):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
 
 
 _LINK = re.compile(r'<([^>]*)>\s*;\s*rel="?([A-Za-z]+)"?')
@@ -131,6 +164,25 @@ def next_page_url(headers: Mapping[str, str]) -> str | None:
         if rel.lower() == "next":
             return target
     return None
+
+
+def next_page_number(headers: Mapping[str, str], current: int) -> int | None:
+    """The page the ``rel="next"`` link points at (its ``page``, wherever it stands), None on the last page.
+
+    Only the number is taken from the link: the adapter asks for it with its own request, so
+    a link that drops ``conditions`` (or reorders the query) cannot widen the filter.
+    """
+    target = next_page_url(headers)
+    if target is None:
+        return None
+    values = parse_qs(urlsplit(target).query).get("page")
+    try:
+        number = int(values[0]) if values else current + 1
+    except ValueError:
+        number = current + 1
+    if number <= current:
+        raise PermanentError(f"ConnectWise's next link points back to page {number} from page {current}")
+    return number
 
 
 def parse_list(body: Any, what: str) -> list[dict[str, Any]]:
@@ -148,8 +200,13 @@ def parse_companies(rows: Sequence[Mapping[str, Any]]) -> list[PsaCompany]:
     return companies
 
 
-def companies_request(page_size: int = MAX_PAGE_SIZE) -> Request:
-    return list_request("company/companies", conditions="deletedFlag = false", page_size=page_size)
+def companies_request(page_size: int = MAX_PAGE_SIZE) -> ListRequest:
+    return list_request(
+        "company/companies",
+        conditions="deletedFlag = false",
+        page_size=page_size,
+        keep=lambda row: not row.get("deletedFlag"),
+    )
 
 
 def _day(value: date) -> str:
@@ -167,10 +224,12 @@ def money(value: Any, what: str) -> Decimal:
     return psa_bills.number(value, what, VENDOR)
 
 
-def find_invoice_request(bill: BillDocument) -> Request:
+def find_invoice_request(bill: BillDocument) -> ListRequest:
+    reference, company = psa_bills.reference_for(bill.key), company_id(bill)
     return list_request(
         "finance/invoices",
-        conditions=f"reference = {quoted(psa_bills.reference_for(bill.key))} and company/id = {company_id(bill)}",
+        conditions=f"reference = {quoted(reference)} and company/id = {company}",
+        keep=lambda row: row.get("reference") == reference and field(row, "company/id") == company,
     )
 
 
@@ -216,8 +275,12 @@ def create_invoice_request(bill: BillDocument, config: Config) -> Request:
     )
 
 
-def invoice_products_request(invoice_id: int) -> Request:
-    return list_request("procurement/products", conditions=f"invoice/id = {invoice_id}")
+def invoice_products_request(invoice_id: int) -> ListRequest:
+    return list_request(
+        "procurement/products",
+        conditions=f"invoice/id = {invoice_id}",
+        keep=lambda row: field(row, "invoice/id") == invoice_id,
+    )
 
 
 def missing_product_requests(
@@ -256,11 +319,14 @@ def delete_product_request(product_id: int) -> Request:
     return Request("DELETE", f"procurement/products/{product_id}")
 
 
-def invoices_in_period_request(period_start: date) -> Request:
+def invoices_in_period_request(period_start: date) -> ListRequest:
     # An invoice is issued on or after its cycle starts, so the date bound only trims.
+    day = _day(period_start)
     return list_request(
         "finance/invoices",
-        conditions=f'internalNotes like "{psa_bills.MARKER_PREFIX}%" and date >= [{_day(period_start)}]',
+        conditions=f'internalNotes like "{psa_bills.MARKER_PREFIX}%" and date >= [{day}]',
+        keep=lambda row: str(row.get("internalNotes") or "").startswith(psa_bills.MARKER_PREFIX)
+        and str(row.get("date") or "")[:10] >= day[:10],
     )
 
 
@@ -280,15 +346,22 @@ def invoice_record(row: Mapping[str, Any], period_start: date = date.min, period
 # --- addition delivery --------------------------------------------------------------------
 
 
-def agreements_request(bill: BillDocument, config: Config) -> Request:
-    conditions = f"company/id = {company_id(bill)} and cancelledFlag = false"
-    if config.agreement_type:
-        conditions += f" and type/name = {quoted(config.agreement_type)}"
-    return list_request("finance/agreements", conditions=conditions)
+def agreements_request(bill: BillDocument, config: Config) -> ListRequest:
+    company, kind = company_id(bill), config.agreement_type
+    conditions = f"company/id = {company} and cancelledFlag = false"
+    if kind:
+        conditions += f" and type/name = {quoted(kind)}"
+    return list_request(
+        "finance/agreements",
+        conditions=conditions,
+        keep=lambda row: field(row, "company/id") == company
+        and not row.get("cancelledFlag")
+        and (not kind or field(row, "type/name") == kind),
+    )
 
 
-def all_agreements_request() -> Request:
-    return list_request("finance/agreements", conditions="cancelledFlag = false")
+def all_agreements_request() -> ListRequest:
+    return list_request("finance/agreements", conditions="cancelledFlag = false", keep=lambda row: not row.get("cancelledFlag"))
 
 
 def pick_agreement(rows: Sequence[Mapping[str, Any]], bill: BillDocument, config: Config) -> Mapping[str, Any]:
@@ -302,17 +375,20 @@ def pick_agreement(rows: Sequence[Mapping[str, Any]], bill: BillDocument, config
     return min(active, key=lambda row: int(row["id"]))
 
 
-def additions_request(agreement_id: int, config: Config) -> Request:
+def additions_request(agreement_id: int, config: Config) -> ListRequest:
+    item = config.catalog_item
     return list_request(
         f"finance/agreements/{agreement_id}/additions",
-        conditions=f"product/identifier = {quoted(config.catalog_item)}",
+        conditions=f"product/identifier = {quoted(item)}",
+        keep=lambda row: field(row, "product/identifier") == item,
     )
 
 
-def gateway_additions_request(agreement_id: int) -> Request:
+def gateway_additions_request(agreement_id: int) -> ListRequest:
     return list_request(
         f"finance/agreements/{agreement_id}/additions",
         conditions=f'invoiceDescription like "%{psa_bills.MARKER_PREFIX}%"',
+        keep=lambda row: psa_bills.MARKER_PREFIX in str(row.get("invoiceDescription") or ""),
     )
 
 
@@ -321,8 +397,11 @@ def bill_additions(rows: Sequence[Mapping[str, Any]], bill: BillDocument) -> lis
     return psa_bills.matching(rows, "invoiceDescription", bill.key)
 
 
-def pick_addition(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    live = [row for row in rows if not row.get("cancelledDate")]
+def pick_addition(rows: Sequence[Mapping[str, Any]], config: Config) -> Mapping[str, Any] | None:
+    """The oldest live addition of the configured product (never another product's, whatever the list held)."""
+    live = [
+        row for row in rows if not row.get("cancelledDate") and field(row, "product/identifier") == config.catalog_item
+    ]
     return min(live, key=lambda row: int(row["id"])) if live else None
 
 

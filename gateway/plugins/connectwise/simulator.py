@@ -10,8 +10,10 @@ What it reproduces, and where that behaviour is described:
   https://github.com/christaylorcodes/ConnectWiseManageAPI/issues/18
 - ``conditions=`` with ``=``, ``!=``, ``<``, ``<=``, ``>``, ``>=``, ``like`` (``%`` wildcards),
   ``contains``, ``and``/``or``, parentheses, ``"strings"``, numbers, ``true``/``false``/``null`` and
-  ``[dates]``; ``page``/``pageSize`` (default 25, capped at 1000) with a
-  ``Link: <…>; rel="next", <…>; rel="last"`` header. Source:
+  ``[dates]``; ``page``/``pageSize`` (default 25, capped at 1000) with a ``Link`` header of
+  ``first``/``prev`` (past page 1) and ``next``/``last`` (before the last page) whose URLs end
+  ``…&pageSize=1000&page=2`` (``page`` last), e.g.
+  ``<https://…/company/companies?pageSize=1000&page=2>; rel="next"``. Source:
   https://www.thelazyadministrator.com/2024/06/06/how-the-connectwise-manage-api-handles-pagination-with-powershell/
 - Field names of companies, agreements, agreement additions (``product``, ``quantity``, ``unitPrice``,
   ``effectiveDate``, ``cancelledDate``, ``invoiceDescription``), invoices (``type``, ``company``,
@@ -23,7 +25,8 @@ What it reproduces, and where that behaviour is described:
 - Validation errors: HTTP 400 ``{"code": "InvalidObject", "message", "errors": [{"code", "message",
   "resource", "field"}]}``; unknown records: 404 ``{"code": "NotFound", …}``.
 - Throttling: 429 *without* a ``Retry-After`` header (ConnectWise sends none that can be relied on),
-  and 500 whose body mentions a timeout when the database is slow.
+  and 500 whose body mentions a timeout when the database is slow; optionally Cloudflare's
+  rate limiting in front (429, an HTML "error 1015" page, no ``Retry-After``, a block for a while).
 
 Test hooks: ``app[STATE]`` holds everything (``companies``, ``agreements``, ``additions``,
 ``invoices``, ``products``, ``requests`` per route); ``app[FAULTS]`` (a
@@ -37,6 +40,7 @@ from __future__ import annotations
 import base64
 import random
 import re
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -71,6 +75,15 @@ class State:
     products: dict[int, dict[str, Any]] = field(default_factory=dict)
     catalog: dict[str, dict[str, Any]] = field(default_factory=dict)
     window: RequestWindow | None = None
+    #: Whether the Link header's URLs keep ``conditions`` (a client must not depend on it).
+    links_keep_conditions: bool = True
+    #: A Cloudflare-style throttle in front of the API: its window, the block it imposes, and how
+    #: many requests it answered with its HTML 429.
+    cloudflare: RequestWindow | None = None
+    cloudflare_block_seconds: float = 60.0
+    cloudflare_blocked_until: float = 0.0
+    cloudflare_throttled: int = 0
+    monotonic: Callable[[], float] = time.monotonic
     requests: Counter[str] = field(default_factory=Counter)
     _ids: Counter[str] = field(default_factory=Counter)
 
@@ -298,6 +311,13 @@ def compile_conditions(text: str) -> Callable[[dict[str, Any]], bool]:
 async def _faults(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     state = request.app[STATE]
     state.requests[f"{request.method} {_route(request)}"] += 1
+    if state.cloudflare is not None:
+        now = state.monotonic()
+        if now < state.cloudflare_blocked_until or state.cloudflare.admit() is not None:
+            if now >= state.cloudflare_blocked_until:
+                state.cloudflare_blocked_until = now + state.cloudflare_block_seconds
+            state.cloudflare_throttled += 1
+            return web.Response(status=429, text=_CLOUDFLARE_PAGE, content_type="text/html")  # no Retry-After
     fault = await request.app[FAULTS].inject(request, _fault_body)
     if fault is not None:
         return fault
@@ -305,6 +325,15 @@ async def _faults(request: web.Request, handler: Callable[[web.Request], Awaitab
         # ConnectWise sends no Retry-After that a client can rely on.
         return _error(429, "TooManyRequests", "The API rate limit was exceeded; slow down and try again")
     return await handler(request)
+
+
+_CLOUDFLARE_PAGE = """<!DOCTYPE html>
+<html lang="en-US"><head><title>Access denied | api-na.myconnectwise.net used Cloudflare to restrict access</title></head>
+<body><div id="cf-wrapper"><h1><span class="cf-error-type">Error</span> <span class="cf-error-code">1015</span></h1>
+<h2 class="cf-subheadline">You are being rate limited</h2>
+<p>The owner of this website (api-na.myconnectwise.net) has banned you temporarily from accessing this website.</p>
+<p>Cloudflare Ray ID: <strong class="font-semibold">8f0c0ffee0000000</strong></p></div></body></html>
+"""
 
 
 def _fault_body(status: int, message: str) -> dict[str, str]:
@@ -366,12 +395,22 @@ def _page(request: web.Request, rows: list[dict[str, Any]]) -> web.Response:
     rows = sorted(rows, key=lambda row: row["id"])
     chunk = rows[(page - 1) * size : page * size]
     last = max(1, -(-len(rows) // size))
-    headers = {}
+    state = request.app[STATE]
+
+    def link(number: int, rel: str) -> str:
+        # As ConnectWise writes them: the other parameters first, then pageSize, page last.
+        query = [(k, v) for k, v in request.query.items() if k not in ("page", "pageSize")]
+        if not state.links_keep_conditions:
+            query = [(k, v) for k, v in query if k != "conditions"]
+        target = request.url.with_query([*query, ("pageSize", str(size)), ("page", str(number))])
+        return f'<{target}>; rel="{rel}"'
+
     links = []
+    if page > 1:
+        links += [link(1, "first"), link(page - 1, "prev")]
     if page < last:
-        links.append(f'<{request.url.update_query(page=page + 1, pageSize=size)}>; rel="next"')
-    links.append(f'<{request.url.update_query(page=last, pageSize=size)}>; rel="last"')
-    headers["Link"] = ", ".join(links)
+        links += [link(page + 1, "next"), link(last, "last")]
+    headers = {"Link": ", ".join(links)} if links else {}
     return web.json_response(chunk, headers=headers)
 
 
@@ -663,6 +702,13 @@ async def patch_addition(request: web.Request) -> web.Response:
     return web.json_response(updated)
 
 
+async def get_invoice(request: web.Request) -> web.Response:
+    invoice = request.app[STATE].invoices.get(_int(request.match_info["invoice_id"]))
+    if invoice is None:
+        return _error(404, "NotFound", f"Invoice recId {request.match_info['invoice_id']} not found")
+    return web.json_response(invoice)
+
+
 async def delete_invoice(request: web.Request) -> web.Response:
     state = request.app[STATE]
     invoice_id = _int(request.match_info["invoice_id"])
@@ -715,15 +761,29 @@ def create_app(
     client_id: str = "sim-client-id",
     codebase: str = "v4_6_release/",
     rate_limit: tuple[int, float] | None = None,
+    links_keep_conditions: bool = True,
+    cloudflare: tuple[int, float] | None = None,
+    cloudflare_block_seconds: float = 60.0,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> web.Application:
-    """The fake ConnectWise; ``rate_limit=(requests, per_seconds)`` turns on throttling with 429s."""
+    """The fake ConnectWise; ``rate_limit=(requests, per_seconds)`` turns on throttling with 429s.
+
+    ``cloudflare=(requests, per_seconds)`` puts a Cloudflare-style rate-limiting rule in front:
+    past it, every request is answered 429 with Cloudflare's HTML page (error 1015) and no
+    ``Retry-After`` for ``cloudflare_block_seconds``. ``links_keep_conditions=False`` makes the
+    ``Link`` header drop ``conditions``. ``monotonic`` may be a test's virtual time.
+    """
     state = State(
         company=company,
         public_key=public_key,
         private_key=private_key,
         client_ids={client_id},
         codebase=codebase,
-        window=RequestWindow(*rate_limit) if rate_limit else None,
+        window=RequestWindow(*rate_limit, monotonic=monotonic) if rate_limit else None,
+        links_keep_conditions=links_keep_conditions,
+        cloudflare=RequestWindow(*cloudflare, monotonic=monotonic) if cloudflare else None,
+        cloudflare_block_seconds=cloudflare_block_seconds,
+        monotonic=monotonic,
     )
     seed(state, companies=companies, agreements=agreements, seed_value=seed_value)
     app = web.Application(middlewares=[_faults, _auth])
@@ -739,6 +799,7 @@ def create_app(
     app.router.add_delete(f"{prefix}/finance/agreements/{{agreement_id}}/additions/{{addition_id}}", delete_addition)
     app.router.add_get(f"{prefix}/finance/invoices", list_invoices)
     app.router.add_post(f"{prefix}/finance/invoices", create_invoice)
+    app.router.add_get(f"{prefix}/finance/invoices/{{invoice_id}}", get_invoice)
     app.router.add_delete(f"{prefix}/finance/invoices/{{invoice_id}}", delete_invoice)
     app.router.add_get(f"{prefix}/procurement/products", list_products)
     app.router.add_post(f"{prefix}/procurement/products", create_product)

@@ -8,6 +8,9 @@ gateway's cursor for a device pull is the number of the next page.
 Decision: the default rate limit is 540 requests per 60 seconds, 90% of the
 documented 600: above 90% of the quota Datto delays every response by a second,
 and past 600 it answers 429 and, after repeated breaches, blocks the address (403).
+The quota is the account's, "for all users", so other integrations may leave less:
+the 429 carries no ``Retry-After``, and ``window_seconds=60`` makes the connector wait
+the window out and go on at the rate it learned, instead of retrying into a block.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ SITES_PATH = "/api/v2/account/sites"
 DEVICES_PATH = "/api/v2/account/devices"
 DEFAULT_PAGE_SIZE = 250
 MAX_PAGE_SIZE = 250
-DEFAULT_RATE_LIMIT = RateLimit(requests=540, per_seconds=60.0, max_concurrent=4)
+DEFAULT_RATE_LIMIT = RateLimit(requests=540, per_seconds=60.0, max_concurrent=4, window_seconds=60.0)
 
 
 def page_params(page: int, page_size: int) -> dict[str, str]:

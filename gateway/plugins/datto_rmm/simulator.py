@@ -19,9 +19,12 @@ What it reproduces, and where it was checked:
   (the Device and PaginationData models) and
   https://www.powershellgallery.com/packages/DattoRMM/1.0.0.25/Content/functions%5CGet-DrmmAccountDevices.ps1
   (paging ``max``/``page`` until ``nextPageUrl`` is null).
-- The quota: 600 requests in any 60 seconds across the account; above 90% every
-  response is delayed by one second; past the quota 429; repeated breaches get the
-  address blocked with 403 for a while (same sources as above).
+- The quota: 600 requests in any 60 seconds across the account, "for all users" (other
+  integrations of the account spend it too: ``spent_by_others``); above 90% every
+  response is delayed by one second; past the quota 429, which carries no
+  ``Retry-After``; a caller that keeps retrying is blocked with 403 for a while: here
+  three 429s in a row (``block_after``) block it for ``block_seconds`` (same sources as
+  above). ``monotonic`` and ``sleep`` may be a test's :class:`~gateway.simulators.VirtualTime`.
 
 Error bodies follow Spring's defaults (``timestamp``, ``status``, ``error``,
 ``message``), OAuth2 errors the ``error``/``error_description`` pair.
@@ -43,6 +46,7 @@ import random
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -90,6 +94,9 @@ class DattoState:
         block_after: int,
         block_seconds: float,
         token_ttl: int,
+        spent_by_others: int = 0,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         if sites < 1:
             raise ValueError("the simulator needs at least one site")
@@ -99,12 +106,15 @@ class DattoState:
         self.clock = clock
         self.started = clock.now()
         self.token_ttl = token_ttl
-        self.window = RequestWindow(*rate_limit)
+        self.monotonic = monotonic
+        self.sleep = sleep
+        self.window = RequestWindow(*rate_limit, reserved=spent_by_others, monotonic=monotonic)
         self.slowdown_seconds = slowdown_seconds
         self.block_after = block_after
         self.block_seconds = block_seconds
-        self._breaches: list[float] = []
+        self.in_a_row = 0  # 429s since the last admitted request
         self.blocked_until = 0.0
+        self.blocks = 0
         rng = random.Random(seed)
         self.site_names = company_names(rng, sites)
         self.site_uids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(sites)]
@@ -123,15 +133,16 @@ class DattoState:
         self._site_counts = None
 
     def breach(self) -> None:
-        """Count a 429; too many within the quota window blocks the address."""
-        now = time.monotonic()
-        self._breaches = [t for t in self._breaches if t > now - self.window.per_seconds] + [now]
-        if len(self._breaches) >= self.block_after:
-            self.blocked_until = now + self.block_seconds
+        """Count a 429; ``block_after`` of them in a row block the address."""
+        self.in_a_row += 1
+        if self.in_a_row >= self.block_after:
+            self.blocked_until = self.monotonic() + self.block_seconds
+            self.blocks += 1
+            self.in_a_row = 0
 
     @property
     def blocked(self) -> bool:
-        return time.monotonic() < self.blocked_until
+        return self.monotonic() < self.blocked_until
 
     def _site_of(self, rng: random.Random) -> int:
         index = bisect.bisect_left(self._cumulative, rng.random() * self._cumulative[-1])
@@ -293,12 +304,11 @@ async def _gatekeeper(request: web.Request, handler: Any) -> web.StreamResponse:
         state.breach()
         if state.blocked:
             return _blocked()
-        return web.json_response(
-            _error(429, "Request rate limit exceeded"), status=429, headers={"Retry-After": str(max(1, round(wait)))}
-        )
+        return web.json_response(_error(429, "Request rate limit exceeded"), status=429)  # no Retry-After
+    state.in_a_row = 0
     state.api_requests += 1
     if state.slowdown_seconds and state.window.count() > 0.9 * state.window.limit:
-        await asyncio.sleep(state.slowdown_seconds)
+        await state.sleep(state.slowdown_seconds)
     fault = await request.app[FAULTS].inject(request, _error)
     if fault is not None:
         return fault
@@ -371,12 +381,19 @@ def create_app(
     clock: Clock | None = None,
     rate_limit: tuple[int, float] = (600, 60.0),
     slowdown_seconds: float = 1.0,
-    block_after: int = 10,
+    block_after: int = 3,
     block_seconds: float = 300.0,
     token_ttl: int = TOKEN_TTL_SECONDS,
     organizations: int | None = None,
+    spent_by_others: int = 0,
+    monotonic: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> web.Application:
-    """A Datto RMM account with ``sites`` sites (``organizations`` is an alias) and ``devices`` devices."""
+    """A Datto RMM account with ``sites`` sites (``organizations`` is an alias) and ``devices`` devices.
+
+    ``spent_by_others`` requests of every quota window are used by the account's other
+    integrations, so only ``rate_limit[0] - spent_by_others`` are left for the caller.
+    """
     app = web.Application(middlewares=[_gatekeeper])
     app[STATE] = DattoState(
         seed=seed,
@@ -390,6 +407,9 @@ def create_app(
         block_after=block_after,
         block_seconds=block_seconds,
         token_ttl=token_ttl,
+        spent_by_others=spent_by_others,
+        monotonic=monotonic,
+        sleep=sleep,
     )
     app[FAULTS] = Faults()
     app.router.add_post("/auth/oauth/token", _token)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import replace
 from datetime import date
 from decimal import Decimal
@@ -18,6 +17,7 @@ from gateway.plugins import get_plugin_manager
 from gateway.plugins.connectwise.client import ConnectWiseAdapter
 from gateway.plugins.connectwise.simulator import FAULTS, STATE, create_app
 from gateway.plugins.psa_bills import parse_marker
+from gateway.simulators import VirtualTime
 from gateway.testing.proxy import FaultProxy
 
 CREDENTIALS = {"company": "simmsp", "public_key": "sim-public", "private_key": "sim-private", "client_id": "sim-client-id"}
@@ -191,17 +191,17 @@ async def test_validation_error_is_permanent_and_not_retried(make_adapter, sim):
 
 
 async def test_simulator_rate_limit_answers_429_and_the_adapter_gets_through(aiohttp_server, clock):
-    app = create_app(companies=4, rate_limit=(2, 0.3))
+    # A 429 without Retry-After pauses the connection for its window (60 s): virtual time on both sides.
+    time = VirtualTime()
+    app = create_app(companies=4, rate_limit=(2, 0.3), monotonic=time.monotonic)
     server = await aiohttp_server(app)
     settings = ConnectionSettings(
         name="cw-rl", plugin="connectwise", base_url=str(server.make_url("/")), credentials=CREDENTIALS,
         options={"page_size": 1},
     )
-
-    async def wait_out_the_window(_: float) -> None:
-        await asyncio.sleep(0.3)
-
-    adapter = ConnectWiseAdapter(settings, AdapterContext(clock=clock), sleep=wait_out_the_window)
+    adapter = ConnectWiseAdapter(
+        settings, AdapterContext(clock=clock), sleep=time.sleep, monotonic=time.monotonic
+    )
     assert len(await adapter.list_companies()) == 4
     assert adapter.connector.stats.throttled >= 1
     await adapter.aclose()

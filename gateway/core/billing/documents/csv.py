@@ -1,13 +1,15 @@
 """Bills as CSV: per bill and per customer (S5), and the device usage report (M7).
 
-CSV cells that a spreadsheet would run as a formula are prefixed with ``'``
-(OWASP's CSV injection advice).
+Every text cell that a spreadsheet would run as a formula is prefixed with ``'``
+(OWASP's CSV injection advice), whatever column it is in (the bill number too: it
+carries the partner's prefix); a plain number such as ``-10.00`` stays a number.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterable, Sequence
 
 from gateway.core.billing.documents.format import money, number
@@ -24,15 +26,24 @@ USAGE_COLUMNS = (
 )
 
 
+_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
 def _safe_cell(text: str) -> str:
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r") and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
+def _safe_row(row: Sequence[object]) -> list[object]:
+    return [_safe_cell(cell) if isinstance(cell, str) else cell for cell in row]
 
 
 def _csv(header: Sequence[str], rows: Iterable[Sequence[object]]) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(header)
-    writer.writerows(rows)
+    writer.writerows(_safe_row(row) for row in rows)
     return buffer.getvalue().encode("utf-8")
 
 
