@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="PATH", help="TOML configuration file (default: $GATEWAY_CONFIG, else built-in defaults)"
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument(
+        "--now", metavar="TIME",
+        help="run as at this ISO 8601 time with a zone, ticking on from there (default: $GATEWAY_NOW, else the "
+             "real time); needs [testing] clock_override = true",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
@@ -59,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from gateway.commands.common import moved_clock
+
+        args.clock = moved_clock(args)
         result = args.handler(args)
         sys.stdout.flush()  # a reader that went away shows up here, not at interpreter exit
     except BrokenPipeError:

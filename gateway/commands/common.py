@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Iterable, Sequence
-from datetime import date, datetime
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import Enum
 from typing import Any
@@ -15,10 +16,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway.app import Gateway, build_gateway
+from gateway.core.clock import Clock, OffsetClock
 from gateway.core.license_keys import normalize_key
 from gateway.core.models import Bill, Customer, License, Partner, ServicePlan, User, Workspace
 from gateway.core.settings import Settings, load_settings
-from gateway.errors import DomainError, NotFound
+from gateway.errors import ConfigError, DomainError, NotFound
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -26,8 +28,43 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def gateway_from_args(args: argparse.Namespace, *, check_schema: bool = True) -> Gateway:
-    """Settings from ``--config``/environment, wired into a gateway (schema checked unless told not to)."""
-    return build_gateway(settings_from_args(args), check_schema=check_schema)
+    """Settings from ``--config``/environment, wired into a gateway (schema checked unless told not to).
+
+    Its clock is the one :func:`moved_clock` made from ``--now``/``GATEWAY_NOW`` (the CLI sets ``args.clock``).
+    """
+    return build_gateway(settings_from_args(args), clock=getattr(args, "clock", None), check_schema=check_schema)
+
+
+NOW_ENV = "GATEWAY_NOW"
+
+
+def moved_clock(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Clock | None:
+    """The clock ``--now TIME`` (or ``$GATEWAY_NOW``) asks for, or None for the real one.
+
+    Refused (ConfigError) unless the settings have ``[testing] clock_override = true``; a time that is not
+    ISO 8601 with a zone is refused naming the argument. The moved clock ticks on from that instant
+    (:class:`~gateway.core.clock.OffsetClock`), and one line on stderr says the clock was moved.
+    """
+    env = os.environ if environ is None else environ
+    given, source = getattr(args, "now", None), "--now"
+    if given is None and env.get(NOW_ENV):
+        given, source = env[NOW_ENV], NOW_ENV
+    if given is None:
+        return None
+    try:
+        at = datetime.fromisoformat(given.strip())
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None or at.utcoffset() is None:
+        raise ConfigError(f"{source} {given!r} is not an ISO 8601 time with a zone; give e.g. 2027-01-15T09:00:00Z "
+                          "or 2027-01-15T10:00:00+01:00")
+    if not settings_from_args(args).testing.clock_override:
+        raise ConfigError(f"{source} moves the clock, which only a test system may do: set [testing] "
+                          "clock_override = true in the config file (or GATEWAY_TESTING__CLOCK_OVERRIDE=true), "
+                          f"or leave out {source}")
+    clock = OffsetClock(at)
+    print(f"gateway: clock moved to {at.astimezone(UTC).isoformat()} ([testing] clock_override)", file=sys.stderr)
+    return clock
 
 
 # --- which partner a command acts for ------------------------------------------------------------

@@ -45,3 +45,21 @@ def _require_aware(at: datetime) -> datetime:
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError(f"clock times must be timezone-aware, got naive {at.isoformat()}")
     return at.astimezone(UTC)
+
+
+class OffsetClock:
+    """A clock that starts at ``at`` and then ticks with the real clock (``[testing] clock_override``).
+
+    Ticking rather than frozen: ``gateway --now`` also moves the daemon, whose scheduled jobs (outbox,
+    billing, licensing) decide what is due by comparing the time now with the time they last ran; a
+    frozen clock would make every later tick see the same instant, so nothing scheduled after the
+    first run would ever come due and back-off delays would never pass. A one-shot command sees the
+    same instant either way, give or take the seconds it runs.
+    """
+
+    def __init__(self, at: datetime, base: Clock | None = None):
+        self._base = base or SystemClock()
+        self._offset = _require_aware(at) - self._base.now()
+
+    def now(self) -> datetime:
+        return self._base.now() + self._offset

@@ -173,6 +173,11 @@ class WebhookSettings(_Section):
     prune_interval_seconds: float = Field(default=3600.0, gt=0)
 
 
+class TestingSettings(_Section):
+    #: Lets ``gateway --now TIME`` / ``GATEWAY_NOW`` run a command or the daemon at another time (issue 15).
+    clock_override: bool = False
+
+
 class Settings(BaseSettings):
     """All settings. Load with :func:`load_settings`, not by calling this directly."""
 
@@ -192,6 +197,7 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    testing: TestingSettings = Field(default_factory=TestingSettings)
     connections: list[ConnectionSettings] = Field(default_factory=list)
     #: Where the settings were read from (None: defaults and environment only). Not a setting.
     source: str | None = Field(default=None, exclude=True)
