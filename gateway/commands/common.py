@@ -174,6 +174,21 @@ def print_json(value: Any) -> None:
     sys.stdout.write("\n")
 
 
+def print_record(args: Any, row: dict[str, Any], columns: Sequence[str], message: str) -> int:
+    """One record a command showed or changed: JSON with ``--json``, else the message and a one-row table.
+
+    A ``notice`` in the record (e.g. "applies from the next cycle") goes to stderr first, in both forms.
+    """
+    if row.get("notice"):
+        print(f"gateway: note: {row['notice']}", file=sys.stderr)
+    if args.json:
+        print_json(row)
+    else:
+        print(message)
+        print_table([row], columns)
+    return 0
+
+
 def print_table(rows: Sequence[dict[str, Any]] | Iterable[dict[str, Any]], columns: Sequence[str], *, title: str | None = None) -> None:
     """A plain aligned table; good on a terminal and in a log file alike."""
     rows = list(rows)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from gateway.commands.common import add_json_flag, gateway_from_args, print_json, print_table
+from gateway.commands.common import add_json_flag, gateway_from_args, print_record
 from gateway.core import directory
 from gateway.core.db import transaction
 from gateway.core.models import Customer
@@ -40,22 +39,11 @@ def get_customer(session: Any, customer_id: int) -> Customer:
     return customer
 
 
-def _print(args: argparse.Namespace, row: dict[str, Any], message: str) -> int:
-    if row.get("notice"):
-        print(f"gateway: note: {row['notice']}", file=sys.stderr)
-    if args.json:
-        print_json(row)
-    else:
-        print(message)
-        print_table([row], COLUMNS)
-    return 0
-
-
 def _show(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with gateway.db() as session:
         row = directory.customer_dict(get_customer(session, args.customer_id))
-    return _print(args, row, f"customer {row['id']}")
+    return print_record(args, row, COLUMNS, f"customer {row['id']}")
 
 
 def _update(args: argparse.Namespace) -> int:
@@ -65,7 +53,7 @@ def _update(args: argparse.Namespace) -> int:
                                              now=gateway.clock.now(), name=args.name, timezone=args.timezone,
                                              billing_email=args.email)
         row = directory.customer_dict(customer)
-    return _print(args, row, f"customer {row['id']} updated")
+    return print_record(args, row, COLUMNS, f"customer {row['id']} updated")
 
 
 def _archive(args: argparse.Namespace) -> int:
@@ -74,4 +62,4 @@ def _archive(args: argparse.Namespace) -> int:
         customer = directory.archive_customer(session, get_customer(session, args.customer_id),
                                               now=gateway.clock.now())
         row = directory.customer_dict(customer)
-    return _print(args, row, f"customer {row['id']} archived; its bills, licenses and history are kept")
+    return print_record(args, row, COLUMNS, f"customer {row['id']} archived; its bills, licenses and history are kept")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gateway.commands.common import add_json_flag, gateway_from_args, print_json, print_table
+from gateway.commands.common import add_json_flag, gateway_from_args, print_record
 from gateway.core import directory
 from gateway.core.db import transaction
 from gateway.core.models import Partner
@@ -37,20 +37,11 @@ def _get(session: Any, partner_id: int) -> Partner:
     return partner
 
 
-def _print(args: argparse.Namespace, row: dict[str, Any], message: str) -> int:
-    if args.json:
-        print_json(row)
-    else:
-        print(message)
-        print_table([row], COLUMNS)
-    return 0
-
-
 def _show(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with gateway.db() as session:
         row = directory.partner_dict(_get(session, args.partner_id))
-    return _print(args, row, f"partner {row['id']}")
+    return print_record(args, row, COLUMNS, f"partner {row['id']}")
 
 
 def _update(args: argparse.Namespace) -> int:
@@ -60,4 +51,4 @@ def _update(args: argparse.Namespace) -> int:
                                            discount=args.discount, invoice_prefix=args.invoice_prefix,
                                            currency=args.currency)
         row = directory.partner_dict(partner)
-    return _print(args, row, f"partner {row['id']} updated")
+    return print_record(args, row, COLUMNS, f"partner {row['id']} updated")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gateway.commands.common import add_json_flag, gateway_from_args, print_json, print_table
+from gateway.commands.common import add_json_flag, gateway_from_args, print_record
 from gateway.core import directory
 from gateway.core.db import transaction
 from gateway.core.models import Workspace
@@ -37,20 +37,11 @@ def _get(session: Any, workspace_id: int) -> Workspace:
     return workspace
 
 
-def _print(args: argparse.Namespace, row: dict[str, Any], message: str) -> int:
-    if args.json:
-        print_json(row)
-    else:
-        print(message)
-        print_table([row], COLUMNS)
-    return 0
-
-
 def _show(args: argparse.Namespace) -> int:
     gateway = gateway_from_args(args)
     with gateway.db() as session:
         row = directory.workspace_dict(_get(session, args.workspace_id))
-    return _print(args, row, f"workspace {row['id']}")
+    return print_record(args, row, COLUMNS, f"workspace {row['id']}")
 
 
 def _update(args: argparse.Namespace) -> int:
@@ -59,4 +50,4 @@ def _update(args: argparse.Namespace) -> int:
         workspace = directory.update_workspace(session, _get(session, args.workspace_id), name=args.name,
                                                max_devices=args.max_devices, no_limit=args.no_limit)
         row = directory.workspace_dict(workspace)
-    return _print(args, row, f"workspace {row['id']} updated")
+    return print_record(args, row, COLUMNS, f"workspace {row['id']} updated")
